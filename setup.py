@@ -1,0 +1,37 @@
+"""sgt_jax: Semantic Generative Tuning of unified multimodal models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="sgt_jax",
+    version="0.1.0",
+    description="Semantic Generative Tuning (SGT) for discrete-token unified multimodal models, in JAX/Flax.",
+    packages=find_packages(include=["sgt_jax", "sgt_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2,<0.13",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "grain>=0.2.18,<0.3",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        "array-record>=0.8,<0.9",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.22,<1",
+        "ml-collections>=1.1,<2",
+        "clu==0.0.12",
+        "absl-py>=2.1,<3",
+        "tensorflow-cpu>=2.20,<2.22",
+        "tensorboard>=2.20,<2.22",
+        "importlib_resources>=6",
+        "numpy>=2.0,<3",
+        "scipy>=1.13,<2",
+        "pillow>=11,<13",
+        "matplotlib>=3.9,<4",
+        "safetensors>=0.5,<1",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "torch==2.13.0", "ruff>=0.6"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.13"],
+    },
+)
