@@ -35,7 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
     # ---- data ----
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "shapes_world"
-    c.data.data_dir = ""  # TFDS data_dir; "" = <workdir>/../data or built on demand
+    c.data.data_dir = ""  # TFDS data_dir; "" = $SGT_DATA_DIR or ./data_cache (built on demand)
     c.data.image_size = 64
     c.data.min_objects = 1
     c.data.max_objects = 4
@@ -50,6 +50,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.cond_dropout = 0.1  # drop the text condition of t2i / proxy samples (CFG)
     c.data.max_seq_len = 128
     c.data.tokenizer_dir = ""  # "" = the Shapes World tokenizer built next to the data
+    c.data.tokenizer_vocab_size = 512  # Shapes World BPE size (256 bytes + 8 specials + merges); <= llm vocab
+    c.data.tokenizer_corpus_scenes = 1000  # train scenes whose texts train the Shapes World BPE
+    # UMM task sequences (sgt_jax/data/sequences.py): loss weights written into the loss arrays.
+    c.data.text_loss_weight = 1.5  # text CE weight on answer tokens (SGT recipe)
+    c.data.gen_loss_weight = 1.0  # code CE weight on generated image codes
+    c.data.caption_fraction = 0.25  # share of Shapes World understanding samples that are captions (else MCQ)
 
     # ---- model ----
     c.model = ml_collections.ConfigDict()
@@ -69,7 +75,47 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.vq.gan_start_step = 0
     c.model.vq.dead_code_reinit_every = 100  # steps; 0 disables
     c.model.vq.dead_code_threshold = 1e-3
+    # Unified model (sgt_jax/models/umm.py). Compute dtype and remat come from train.compute_dtype
+    # and train.remat; cross-field rules live in umm.check_config (registered with register_check).
     c.model.umm = ml_collections.ConfigDict()
+    c.model.umm.llm = ml_collections.ConfigDict()
+    c.model.umm.llm.vocab_size = 512  # must cover the tokenizer
+    c.model.umm.llm.width = 256
+    c.model.umm.llm.depth = 4
+    c.model.umm.llm.num_heads = 4
+    c.model.umm.llm.num_kv_heads = 2  # grouped-query attention; divides num_heads
+    c.model.umm.llm.head_dim = 64
+    c.model.umm.llm.mlp_dim = 768  # SwiGLU hidden width
+    c.model.umm.llm.rope_theta = 10000.0
+    c.model.umm.llm.qk_norm = False  # RMSNorm on q and k per head (Qwen3 style)
+    c.model.umm.llm.attn_bias = False  # q/k/v bias (Qwen2: True)
+    c.model.umm.llm.attn_out_bias = False  # output-projection bias (Llama attention_bias=True)
+    c.model.umm.llm.tied_embeddings = True
+    c.model.umm.llm.rms_eps = 1e-6
+    c.model.umm.vit = ml_collections.ConfigDict()  # understanding encoder (SigLIP layout)
+    c.model.umm.vit.image_size = 64
+    c.model.umm.vit.patch_size = 8
+    c.model.umm.vit.width = 128
+    c.model.umm.vit.depth = 2
+    c.model.umm.vit.num_heads = 4
+    c.model.umm.vit.mlp_dim = 512
+    c.model.umm.vit.pos = "learned"  # "learned" | "sincos"
+    c.model.umm.vit.select_layer = -1  # hidden state fed to the adapter: 0 = patch embeddings, -1 = last block
+    c.model.umm.vit.post_norm = True  # final LayerNorm on the selected state (SigLIP post_layernorm)
+    c.model.umm.vit.ln_eps = 1e-6
+    c.model.umm.mot = False  # BAGEL-style Mixture-of-Transformers weights for generation tokens
+    c.model.umm.codebook_size = 1024  # must equal model.vq.codebook_size
+    c.model.umm.num_codes = 64  # code positions per generated image: (data.image_size / vq.downsample)^2
+    c.model.umm.gen_embed_dim = 64  # code-id embedding table width (Janus: 8)
+    c.model.umm.gen_adapter_dim = 256  # code embedding -> LLM adapter hidden width
+    c.model.umm.gen_head_dim = 256  # generation head hidden width (MLP -> codebook logits)
+    c.model.umm.und_adapter_dim = 256  # ViT -> LLM adapter hidden width
+    # UMM training stage (sgt_jax/train/stages/umm_stage.py).
+    c.model.umm_stage = ml_collections.ConfigDict()
+    c.model.umm_stage.vq_workdir = ""  # VQ stage workdir/checkpoint to load the frozen VQ from ("" = none:
+    #                                    the VQ comes with init_from, e.g. a base UMM checkpoint)
+    c.model.umm_stage.vq_step = -1  # -1 = latest
+    c.model.umm_stage.freeze_vit = False  # also freeze the understanding ViT (the VQ is always frozen)
 
     # ---- optimisation ----
     c.optim = ml_collections.ConfigDict()
@@ -102,6 +148,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.num_processes = 1
     c.train.process_id = 0
     c.train.max_wall_minutes = 0.0  # 0 = no limit; otherwise save and stop after this long
+    c.train.tensorboard = True  # clu TensorBoard writers (imports TF); False = log lines only
 
     # ---- mesh and sharding ----
     c.mesh = ml_collections.ConfigDict()
@@ -134,6 +181,31 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.every_steps = 0  # 0 = only at the end
     c.eval.num_examples = 256
     c.eval.split = "test"
+    # UMM evaluation suite (sgt_jax/eval/umm_eval.py, `tools/evaluate.py --workdir=<umm run>`).
+    # Budgets are small by default so three runs evaluate in minutes on a 2-core CPU.
+    c.eval.umm = ml_collections.ConfigDict()
+    c.eval.umm.parts = ("cvbench", "geneval", "segmentation", "probes", "attention")
+    c.eval.umm.splits = ("test", "heldout")  # Shapes World splits for CV-Bench, GenEval and segmentation
+    c.eval.umm.seed = 0  # which scenes / prompts (fixed across runs so runs are comparable)
+    c.eval.umm.batch_size = 16
+    c.eval.umm.mcq_items = 48  # multiple-choice items per CV-Bench task and split
+    c.eval.umm.mcq_method = "likelihood"  # answer log-likelihood | greedy "generate" + parsing | "both"
+    c.eval.umm.geneval_prompts_per_tag = 8
+    c.eval.umm.geneval_images_per_prompt = 1
+    c.eval.umm.guidance_scale = 5.0  # GenEval sampling (Janus defaults: CFG 5, temperature 1)
+    c.eval.umm.temperature = 1.0
+    c.eval.umm.top_k = 0
+    c.eval.umm.top_p = 1.0
+    c.eval.umm.seg_images = 32  # SGT inference image -> instance mask, scored by mIoU
+    c.eval.umm.seg_guidance_scale = 1.0  # CFG on the instruction (the image is never dropped)
+    c.eval.umm.seg_temperature = 1.0
+    c.eval.umm.seg_top_k = 1  # 1 = greedy masks
+    c.eval.umm.probe_train_scenes = 256  # linear probes: fit on train scenes ...
+    c.eval.umm.probe_test_scenes = 128  # ... and score on test scenes
+    c.eval.umm.probe_steps = 100  # L-BFGS iterations per probe
+    c.eval.umm.probe_l2 = 1e-3
+    c.eval.umm.attn_items = 32  # rows per attention analysis (understanding and generation)
+    c.eval.umm.attn_query_tokens = 4  # last question tokens whose attention to the image is measured
     return c
 
 
@@ -163,13 +235,15 @@ def parse_arg(arg: str | None) -> ml_collections.ConfigDict:
 _CHOICES: dict[str, Sequence[Any]] = {
     "stage": STAGES,
     "model.vq.family": ("vit", "conv"),
+    "model.umm.vit.pos": ("learned", "sincos"),
     "model.vq.recon_loss": ("l1", "l2"),
     "optim.schedule": ("constant", "cosine"),
     "train.compute_dtype": ("float32", "bfloat16"),
     "checkpoint.best_mode": ("max", "min"),
+    "eval.umm.mcq_method": ("likelihood", "generate", "both"),
 }
 # Dict-valued fields whose keys are free (checked by a semantic rule instead of the schema).
-_FREE_KEYS = ("data.mixture", "model.umm")
+_FREE_KEYS = ("data.mixture",)
 
 _NUMBER = (int, float)
 

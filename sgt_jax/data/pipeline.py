@@ -1,0 +1,267 @@
+"""grain input pipeline: records -> validated -> per-task transform -> weighted mixture -> batches.
+
+Per task the random-access stages are: decode+validate (bad records become `records.Invalid`
+markers instead of raising), this process's slice, seeded shuffle and endless repeat (training
+only), then the task's transform through `random_map` (each example gets its own deterministic
+numpy Generator). Tasks are mixed with `MapDataset.mix` by `cfg.data.mixture` weights, converted
+to an iterator, invalid markers are dropped (counted, logged with their key), and batched with
+drop_remainder so every batch has a static shape.
+
+Everything up to batching is index-based, so the iterator state is just positions plus the skip
+counters: `get_state()/set_state()` restore exactly the same next batches, and the iterator works
+with `grain.checkpoint.CheckpointSave/CheckpointRestore` in an Orbax composite checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+from typing import Any, Callable, Mapping, Sequence
+
+import grain
+import numpy as np
+from absl import logging
+
+from sgt_jax.data import records
+
+Transform = Callable[[dict, np.random.Generator], dict]
+SKIP_CATEGORIES = ("undecodable", "missing_field", "bad_dtype", "bad_shape", "empty_objects", "bad_objects",
+                   "inconsistent_maps", "other")
+_STATE_KEY = "sgt_skipped"
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSource:
+    """Random-access raw records and their TF-free deserializer; picklable for grain workers."""
+
+    raw: Sequence[bytes]
+    deserialize: Callable[[bytes], Mapping[str, Any]]
+    name: str
+
+    @classmethod
+    def from_tfds(cls, data_source, name: str) -> "RecordSource":
+        """From `builder.as_data_source(split)`: read raw bytes, deserialize with numpy only."""
+        return cls(raw=data_source.data_source, deserialize=data_source.dataset_info.features.deserialize_example_np,
+                   name=name)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+
+class _ValidatedSource:
+    """grain data source yielding parsed records or `Invalid` markers; never raises on bad bytes."""
+
+    def __init__(self, source: RecordSource, image_size: int | None):
+        self._source = source
+        self._image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int):
+        index = int(index)
+        fallback = f"{self._source.name}[{index}]"
+        try:
+            raw = self._source.raw[index]
+        except Exception as e:  # an unreadable chunk is one bad record, not a dead run
+            return records.Invalid(fallback, f"undecodable: read failed: {type(e).__name__}: {e}")
+        return records.decode_and_validate(raw, self._source.deserialize, fallback, image_size=self._image_size)
+
+    def __repr__(self) -> str:  # grain uses it in pipeline summaries
+        return f"ValidatedSource({self._source.name}, n={len(self)})"
+
+
+class _ApplyTransform:
+    """Run a task's transform on valid records; pass Invalid markers through untouched."""
+
+    def __init__(self, fn: Transform, task_id: int | None):
+        self._fn = fn
+        self._task_id = task_id
+
+    def __call__(self, element, rng: np.random.Generator):
+        if isinstance(element, records.Invalid):
+            return element
+        out = self._fn(element, rng)
+        if self._task_id is not None and "task" not in out:
+            out = dict(out)
+            out["task"] = np.int32(self._task_id)
+        return out
+
+
+class _SkipInvalidIterator(grain.DatasetIterator):
+    """Drops `Invalid` markers, logs each with its key, and keeps per-category counts in its state."""
+
+    def __init__(self, parent: grain.DatasetIterator, max_consecutive: int):
+        super().__init__(parent)
+        self._counts = {c: 0 for c in SKIP_CATEGORIES}
+        self._max_consecutive = max_consecutive
+
+    def __next__(self):
+        consecutive = 0
+        while True:
+            element = next(self._parent)
+            if not isinstance(element, records.Invalid):
+                return element
+            category = element.category if element.category in self._counts else "other"
+            self._counts[category] += 1
+            logging.warning("skipping corrupt record key=%s reason=%s (skipped so far: %d)",
+                            element.key, element.reason, sum(self._counts.values()))
+            consecutive += 1
+            if consecutive >= self._max_consecutive:
+                raise RuntimeError(f"{consecutive} records in a row were invalid (last: {element.key}: "
+                                   f"{element.reason}); the dataset itself is broken, rebuild it")
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), _STATE_KEY: dict(self._counts)}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._counts = {c: int(state[_STATE_KEY].get(c, 0)) for c in SKIP_CATEGORIES}
+
+    def __str__(self) -> str:
+        return "SkipInvalidIterator"
+
+
+class _SkipInvalidIterDataset(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, max_consecutive: int):
+        super().__init__(parent)
+        self._max_consecutive = max_consecutive
+
+    def __iter__(self):
+        return _SkipInvalidIterator(self._parent.__iter__(), self._max_consecutive)
+
+    def __str__(self) -> str:
+        return "SkipInvalidIterDataset"
+
+
+def skip_counts(state_or_iterator) -> dict[str, int]:
+    """Skipped-record counts per category (+ "total"), summed over grain worker states if any.
+
+    Accepts an iterator from `make_iterator` or its `get_state()`; counts survive checkpoint restore.
+    """
+    state = state_or_iterator.get_state() if hasattr(state_or_iterator, "get_state") else state_or_iterator
+    totals = {c: 0 for c in SKIP_CATEGORIES}
+
+    def visit(node):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                if k == _STATE_KEY and isinstance(v, Mapping):
+                    for c, n in v.items():
+                        totals[c] = totals.get(c, 0) + int(n)
+                else:
+                    visit(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                visit(v)
+
+    visit(state)
+    totals["total"] = sum(totals.values())
+    return totals
+
+
+def task_seed(seed: int, task: str, stage: str) -> int:
+    """A stable 32-bit seed per (seed, task, stage) so tasks shuffle and augment independently."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(task.encode()), zlib.crc32(stage.encode())])
+               .generate_state(1)[0])
+
+
+def _task_dataset(source: RecordSource, fn: Transform, task: str, task_id: int | None, *, image_size, process_index,
+                  process_count, seed, training) -> grain.MapDataset:
+    ds = grain.MapDataset.source(_ValidatedSource(source, image_size))
+    ds = ds[process_index::process_count]
+    if len(ds) == 0:
+        raise ValueError(f"process {process_index}/{process_count} gets no records of {source.name} "
+                         f"({len(source)} records)")
+    if training:
+        ds = ds.shuffle(seed=task_seed(seed, task, "shuffle")).repeat(None)
+    return ds.random_map(_ApplyTransform(fn, task_id), seed=task_seed(seed, task, "transform"))
+
+
+def make_dataset(cfg, split: str, transform: Transform | Mapping[str, Transform], *, process_index: int | None = None,
+                 process_count: int | None = None, seed: int | None = None, batch_size: int | None = None,
+                 training: bool | None = None, sources: RecordSource | Mapping[str, RecordSource] | None = None,
+                 num_workers: int | None = None, max_consecutive_skips: int = 1000) -> grain.IterDataset:
+    """The batched `grain.IterDataset` behind `make_iterator` (same arguments)."""
+    from sgt_jax.config import TASKS
+
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    seed = cfg.data.shuffle_seed if seed is None else seed
+    training = (split == "train") if training is None else training
+    if batch_size is None:
+        if cfg.train.batch_size % process_count:
+            raise ValueError(f"config field 'train.batch_size' = {cfg.train.batch_size} is not divisible by "
+                             f"the process count {process_count}")
+        batch_size = cfg.train.batch_size // process_count
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+
+    if callable(transform):
+        transforms, weights, task_ids = {"default": transform}, {"default": 1.0}, {"default": None}
+    else:
+        mixture = dict(cfg.data.mixture)
+        missing = sorted(set(mixture) - set(transform))
+        if missing:
+            raise ValueError(f"config field 'data.mixture' names tasks {missing} that have no transform; "
+                             f"transforms exist for {sorted(transform)}")
+        transforms = {t: transform[t] for t in mixture}  # tasks outside the mixture are not read
+        weights = {t: float(mixture[t]) for t in transforms}
+        task_ids = {t: (TASKS.index(t) if t in TASKS else None) for t in transforms}
+    if sources is None:
+        from sgt_jax.data import datasets
+
+        sources = datasets.open_source(cfg, split)
+    if isinstance(sources, RecordSource):
+        sources = {t: sources for t in transforms}
+    missing = [t for t in transforms if t not in sources]
+    if missing:
+        raise ValueError(f"no record source for tasks {missing}")
+
+    image_size = cfg.data.image_size if cfg.data.dataset == "shapes_world" else None
+    names = sorted(transforms)
+    parts = [_task_dataset(sources[t], transforms[t], t, task_ids[t], image_size=image_size,
+                           process_index=process_index, process_count=process_count, seed=seed, training=training)
+             for t in names]
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [weights[t] for t in names])
+    read = grain.ReadOptions(num_threads=max(1, min(16, os.cpu_count() or 1)),
+                             prefetch_buffer_size=max(16, 2 * batch_size))
+    it_ds = _SkipInvalidIterDataset(ds.to_iter_dataset(read), max_consecutive_skips)
+    it_ds = it_ds.batch(batch_size, drop_remainder=True)
+    num_workers = cfg.data.num_workers if num_workers is None else num_workers
+    if num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; library callers may not parse them
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it_ds
+
+
+def make_iterator(cfg, split: str, transform: Transform | Mapping[str, Transform], *,
+                  process_index: int | None = None, process_count: int | None = None, seed: int | None = None,
+                  batch_size: int | None = None, training: bool | None = None,
+                  sources: RecordSource | Mapping[str, RecordSource] | None = None,
+                  num_workers: int | None = None, max_consecutive_skips: int = 1000) -> grain.DatasetIterator:
+    """A checkpointable iterator of per-process batches (dicts of numpy arrays, leading dim = batch_size).
+
+    - `transform(record, rng) -> dict` maps a validated record (see `records`) to one example; a
+      mapping task -> transform mixes the tasks of `cfg.data.mixture` by their weights (every
+      mixture task needs a transform; others are ignored) and adds `task`
+      (int32 index into `config.TASKS`) to each example that lacks it.
+    - `process_index/process_count` default to `jax.process_index()/process_count()`; each process
+      reads a disjoint strided slice of the records.
+    - `seed` (default cfg.data.shuffle_seed) drives shuffling and each example's rng.
+    - `batch_size` is per process (default cfg.train.batch_size // process_count).
+    - `training` (default: split == "train") shuffles and repeats forever; otherwise one ordered
+      pass that ends with StopIteration (remainder dropped).
+    - `sources` overrides the on-disk split (a RecordSource, or one per task).
+    Skipped records are logged with their key; `skip_counts(iterator)` reports them.
+    """
+    return iter(make_dataset(cfg, split, transform, process_index=process_index, process_count=process_count,
+                             seed=seed, batch_size=batch_size, training=training, sources=sources,
+                             num_workers=num_workers, max_consecutive_skips=max_consecutive_skips))
