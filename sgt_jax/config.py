@@ -74,7 +74,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.vq.gan_weight = 0.0
     c.model.vq.gan_start_step = 0
     c.model.vq.dead_code_reinit_every = 100  # steps; 0 disables
-    c.model.vq.dead_code_threshold = 1e-3
+    c.model.vq.dead_code_threshold = 0.1  # dead = EMA usage frequency < threshold / codebook_size
+    c.model.vq.usage_decay = 0.99  # EMA decay of per-code usage frequencies
+    c.model.vq.decoder_depth = 0  # vit: decoder blocks (0 = depth)
+    c.model.vq.num_res_blocks = 1  # conv: resnet blocks per resolution
+    c.model.vq.refine_channels = 0  # vit: full-resolution 3x3 conv head channels (0 = linear patch head)
+    # Training images: scene photos and proxy renderings, "kind:weight,..." over render.PROXIES minus mae.
+    c.model.vq.target_mix = "reconstruction:1,segmentation:1,semantic:1,depth:1,edge:1"
+    c.model.vq.mask_loss_weight = 1.0  # recon-loss weight of palette masks (segmentation, semantic)
     # Unified model (sgt_jax/models/umm.py). Compute dtype and remat come from train.compute_dtype
     # and train.remat; cross-field rules live in umm.check_config (registered with register_check).
     c.model.umm = ml_collections.ConfigDict()
@@ -381,6 +388,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     """
     _check_schema(default_config(), cfg, "")
     _check_semantics(cfg, num_devices)
+    if cfg.stage == "umm":
+        import sgt_jax.models.umm  # noqa: F401  (registers the model's checks)
     for check in _EXTRA_CHECKS:
         check(cfg)
     return cfg
