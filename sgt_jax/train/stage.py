@@ -38,6 +38,8 @@ class Stage(Protocol):
     # Regexes (re.search on the '/'-joined param path) of parameters that never change during this
     # stage. Combined with `cfg.optim.freeze`. Frozen params stay bitwise unchanged.
     frozen: tuple[str, ...]
+    # Extra regexes of params exempt from weight decay (1-d leaves, norms, biases, scales already are).
+    no_decay: tuple[str, ...]
 
     def dummy_batch(self, batch_size: int) -> dict[str, Any]:
         """A batch with the exact shapes/dtypes the data pipeline yields (numpy arrays or
@@ -62,23 +64,28 @@ class Stage(Protocol):
     def tokens_per_example(self) -> float:
         """Tokens (or pixels/patches: whatever the stage's throughput unit is) per example; 0 = n/a."""
 
-    def example_transform(self, split: str) -> Callable[[dict], dict]:
-        """Per-record transform handed to `sgt_jax.data.pipeline.make_iterator` (record -> example)."""
+    def example_transform(self, split: str) -> Callable | Mapping[str, Callable]:
+        """What `sgt_jax.data.pipeline.make_iterator(cfg, split, transform, ...)` takes:
+        `transform(record, rng) -> example dict`, or a mapping task -> transform for a mixture.
+        Batch keys the stage's `dummy_batch` does not declare are dropped before the step."""
 
-    def make_iterator(self, split: str, *, batch_size: int, process_index: int, process_count: int,
+    def make_iterator(self, split: str, *, global_batch_size: int, process_index: int, process_count: int,
                       seed: int) -> Iterator[dict] | None:
-        """Optional data override: a checkpointable iterator (get_state/set_state) yielding
-        per-process batches, or None to use `sgt_jax.data.pipeline.make_iterator`."""
+        """Optional data override: a checkpointable iterator (get_state/set_state) yielding this
+        process's slice of each global batch (rows [i*B/n, (i+1)*B/n) for process i of n), or None
+        to use `sgt_jax.data.pipeline.make_iterator` with `example_transform(split)`."""
 
     def evaluate(self, params: PyTree, model_state: PyTree, *, step: int, workdir: str) -> dict[str, float]:
         """Evaluate (EMA params if enabled, unboxed); returns scalar metrics, e.g. {"eval/miou": ...}.
-        Called by the loop every `cfg.eval.every_steps` and at the end; may write files under workdir."""
+        Called by the loop every `cfg.eval.every_steps` and at the end, on EVERY process (params are
+        global arrays, so jitted evaluation is a collective); write files only from process 0."""
 
 
 class BaseStage:
     """Defaults for the optional parts of `Stage`; concrete stages subclass it."""
 
     frozen: tuple[str, ...] = ()
+    no_decay: tuple[str, ...] = ()
     post_update = None
 
     def __init__(self, cfg: ml_collections.ConfigDict):
@@ -87,10 +94,10 @@ class BaseStage:
     def tokens_per_example(self) -> float:
         return 0.0
 
-    def example_transform(self, split: str) -> Callable[[dict], dict]:
+    def example_transform(self, split: str) -> Callable | Mapping[str, Callable]:
         raise NotImplementedError(f"{type(self).__name__} supplies no data transform")
 
-    def make_iterator(self, split, *, batch_size, process_index, process_count, seed):
+    def make_iterator(self, split, *, global_batch_size, process_index, process_count, seed):
         return None
 
     def evaluate(self, params, model_state, *, step, workdir) -> dict[str, float]:
