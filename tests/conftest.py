@@ -1,7 +1,15 @@
-"""Tests run on CPU with 8 simulated devices so sharding code paths are exercised."""
+"""Tests run on CPU with 8 simulated devices so sharding code paths are exercised.
+
+A persistent JAX compilation cache (shared with the subprocesses tests start) keeps the suite fast:
+many tests compile the same small programs.
+"""
 import os
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
