@@ -125,4 +125,8 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
 
 def builder(config: ShapesWorldConfig, data_dir: str) -> ShapesWorld:
     """The builder for `config` under `data_dir`, writing ArrayRecord."""
+    # TFDS rejects a custom config that shares its name with a registered one; the name encodes every
+    # field, so ask for the registered config by name.
+    if config.name in {c.name for c in ShapesWorld.BUILDER_CONFIGS}:
+        config = config.name
     return ShapesWorld(config=config, data_dir=data_dir, file_format="array_record")

@@ -1,0 +1,32 @@
+"""configs/ablation_shapes.py: the sweep is every proxy x 3 seeds of valid post_shapes configs."""
+import importlib.util
+import os
+
+from sgt_jax.config import PROXIES, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("ablation_shapes", os.path.join(ROOT, "configs", "ablation_shapes.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sweep_covers_every_proxy_and_seed():
+    mod = _module()
+    points = mod.sweep("runs/base", steps=5, smoke=True)
+    assert len(points) == 7 * 3
+    assert {(p["proxy"], p["seed"]) for p in points} == {(x, s) for x in PROXIES + ("none",) for s in range(3)}
+    for p in points:
+        c = validate(p["config"])
+        assert c.seed == p["seed"] and c.data.shuffle_seed == p["seed"]
+        assert c.train.steps == 5 and c.init_from.path == "runs/base"
+        want = {"understanding"} if p["proxy"] == "none" else {"understanding", f"proxy_{p['proxy']}"}
+        assert set(c.data.mixture.keys()) == want
+    # one point by hand, as tools/train.py would load it
+    c = mod.get_config("proxy=depth,seed=2,smoke")
+    assert c.seed == 2 and "proxy_depth" in c.data.mixture
+    plan = mod.run_sweep("runs/base", "runs/ablation", seeds=1, proxies=("edge",), dry_run=True)
+    assert "configs/ablation_shapes.py:proxy=edge,seed=0,base=runs/base --workdir=runs/ablation/edge_s0" in plan
