@@ -117,11 +117,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.umm.gen_adapter_dim = 256  # code embedding -> LLM adapter hidden width
     c.model.umm.gen_head_dim = 256  # generation head hidden width (MLP -> codebook logits)
     c.model.umm.und_adapter_dim = 256  # ViT -> LLM adapter hidden width
-    # UMM training stage (sgt_jax/train/stages/umm_stage.py).
+    # UMM training stage (sgt_jax/train/stages/umm_stage.py). The frozen VQ lives in params/vq and
+    # arrives through init_from (base: the VQ workdir with mapping "->vq"; post: the base run).
     c.model.umm_stage = ml_collections.ConfigDict()
-    c.model.umm_stage.vq_workdir = ""  # VQ stage workdir/checkpoint to load the frozen VQ from ("" = none:
-    #                                    the VQ comes with init_from, e.g. a base UMM checkpoint)
-    c.model.umm_stage.vq_step = -1  # -1 = latest
     c.model.umm_stage.freeze_vit = False  # also freeze the understanding ViT (the VQ is always frozen)
 
     # ---- optimisation ----

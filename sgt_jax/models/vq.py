@@ -140,6 +140,8 @@ def _group_norm(channels: int, dtype, name: str | None = None) -> nn.GroupNorm:
 # vit family
 # ---------------------------------------------------------------------------------------------
 class Attention(nn.Module):
+    """Multi-head self-attention with explicit [embed, heads, kv] kernels (3-D logical axis names)."""
+
     num_heads: int
     dtype: Any = jnp.float32
 
@@ -147,21 +149,20 @@ class Attention(nn.Module):
     def __call__(self, x: Array) -> Array:
         d = x.shape[-1]
         hd = d // self.num_heads
+        init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
 
         def proj(name):
-            return nn.DenseGeneral((self.num_heads, hd), dtype=self.dtype, name=name,
-                                   kernel_init=nn.with_logical_partitioning(
-                                       nn.initializers.lecun_normal(), ("embed", "heads", "kv")),
-                                   bias_init=nn.with_logical_partitioning(
-                                       nn.initializers.zeros_init(), ("heads", "kv")))
+            w = self.param(f"{name}_kernel", nn.with_logical_partitioning(init, ("embed", "heads", "kv")),
+                           (d, self.num_heads, hd))
+            b = self.param(f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")),
+                           (self.num_heads, hd))
+            return jnp.einsum("bnd,dhk->bnhk", x, w.astype(self.dtype)) + b.astype(self.dtype)
 
-        q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
-        y = jax.nn.dot_product_attention(q, k, v)
-        return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out",
-                               kernel_init=nn.with_logical_partitioning(
-                                   nn.initializers.lecun_normal(), ("heads", "kv", "embed")),
-                               bias_init=nn.with_logical_partitioning(
-                                   nn.initializers.zeros_init(), ("embed",)))(y)
+        y = jax.nn.dot_product_attention(proj("query"), proj("key"), proj("value"))
+        w_out = self.param("out_kernel", nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), ("heads", "kv", "embed")), (self.num_heads, hd, d))
+        b_out = self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)), (d,))
+        return jnp.einsum("bnhk,hkd->bnd", y, w_out.astype(self.dtype)) + b_out.astype(self.dtype)
 
 
 class Block(nn.Module):

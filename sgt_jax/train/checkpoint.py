@@ -70,7 +70,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int = 3, best_metric: str = "", best_mode: str = "max",
                  async_save: bool = True, read_only: bool = False):
-        self.directory = epath.Path(directory)
+        self.directory = epath.Path(directory).absolute()  # orbax needs absolute paths
         self.best_metric, self.best_mode = best_metric, best_mode
         policies = [cm.LatestN(n=keep)]
         if best_metric:
