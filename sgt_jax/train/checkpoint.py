@@ -204,7 +204,7 @@ class PreemptionWatcher:
 # ---------------------------------------------------------------------------------------------
 def resolve_step_dir(path: str, step: int = -1) -> epath.Path:
     """A workdir, a checkpoints root or a step directory -> the step directory to read."""
-    p = epath.Path(path)
+    p = epath.Path(path).absolute()  # orbax metadata reads come back empty for relative paths
     if (p / STATE).exists():
         return p
     root = p / "checkpoints" if (p / "checkpoints").exists() else p

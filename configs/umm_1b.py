@@ -1,0 +1,103 @@
+"""Real scale: SGT post-training of a Janus-Pro-1B-shaped UMM on a Cloud TPU v5p pod.
+
+    python tools/train.py --config=configs/umm_1b.py:proxy=segmentation,init=gs://.../janus_pro_1b_sgt_jax
+
+Shape (Janus-Pro-1B): decoder 24 x 2048, 16 heads (MHA), SwiGLU 5632, vocab 102400, untied head;
+SigLIP-L/16 at 384 px (24 blocks x 1024, 576 tokens) -> 2-layer GELU adapter; LlamaGen VQ
+(conv, f = 16, 16384 codes of dim 8) -> 24 x 24 = 576 codes per image, 8-dim code embedding,
+generation head 2048 -> 2048 -> 16384. bf16 compute, fp32 params, remat. Mesh: FSDP over the whole
+pod (`mesh.shape = (1, -1, 1)`): every parameter and the optimizer state are sharded on `embed`.
+
+Recipe (SGT paper, Janus-style optimiser): proxy : understanding = 2 : 1 by batch, loss
+1.5 x text CE + 1.0 x code CE, AdamW (0.9, 0.95), wd 0, clip 1.0, constant lr after warmup,
+everything trains except the VQ; instruction dropped 10%, image never.
+
+Options: `proxy=NAME|none` (default segmentation), `init=PATH` (UMM checkpoint holding the
+converted LLM/ViT and the VQ under params/vq; "" = from scratch), `tokenizer=DIR` (local HF tokenizer),
+`tensor=T` (tensor-parallel width, default 1), `smoke` (same family, tiny, CPU tests).
+Data: the built-in Shapes World rendered at 384 px (the only record source built so far; the
+SAM-SGT / LLaVA builders plug in through `data.dataset` once they exist).
+"""
+from sgt_jax.config import PROXIES, default_config, parse_arg
+
+SHAPE = {  # Janus-Pro-1B
+    "llm": dict(vocab_size=102400, width=2048, depth=24, num_heads=16, num_kv_heads=16, head_dim=128, mlp_dim=5632),
+    "tensor": 1,
+}
+
+
+def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
+    """Shared by umm_1b / umm_7b: everything but the decoder shape and the mesh."""
+    a = parse_arg(arg)
+    smoke = bool(a.get("smoke", False))
+    proxy = str(a.get("proxy", "segmentation"))
+    if proxy not in ("none",) + PROXIES:
+        raise ValueError(f"option 'proxy' = {proxy!r} is not allowed; allowed: {['none', *PROXIES]}")
+    c = default_config()
+    c.stage = "umm"
+    c.init_from.path = str(a.get("init", ""))
+    c.init_from.mapping = ""
+    c.data.tokenizer_dir = str(a.get("tokenizer", ""))
+    c.data.mixture = {"understanding": 1.0} if proxy == "none" else {f"proxy_{proxy}": 2.0, "understanding": 1.0}
+    c.data.cond_dropout = 0.1
+    c.data.text_loss_weight, c.data.gen_loss_weight = 1.5, 1.0
+    c.data.num_workers = 8
+
+    u, v, vit = c.model.umm, c.model.vq, c.model.umm.vit
+    # LlamaGen VQ-16: conv family, 16384 l2-normalised 8-dim codes, f = 16.
+    v.family, v.codebook_size, v.code_dim, v.downsample = "conv", 16384, 8, 16
+    v.width, v.channel_mult = 128, (1, 1, 2, 2, 4)
+    for k, val in shape["llm"].items():
+        u.llm[k] = val
+    u.llm.rope_theta, u.llm.rms_eps = 10000.0, 1e-6
+    u.llm.tied_embeddings, u.llm.attn_bias, u.llm.qk_norm = False, False, False
+    # SigLIP-L/16 @ 384.
+    vit.image_size, vit.patch_size, vit.width, vit.depth, vit.num_heads, vit.mlp_dim = 384, 16, 1024, 24, 16, 4096
+    vit.pos, vit.select_layer, vit.post_norm = "learned", -1, True
+    c.data.image_size = 384
+    width = u.llm.width
+    u.gen_embed_dim, u.gen_adapter_dim, u.gen_head_dim, u.und_adapter_dim = 8, width, width, width
+    # <bos><img>[576]</img> instruction <boi>[576]<eoi> = 1157 + instruction; VQA answers get the rest.
+    c.data.max_seq_len = 2048
+
+    c.optim.lr = 4e-5
+    c.optim.schedule = "constant"
+    c.optim.warmup_steps = 200
+    c.optim.b1, c.optim.b2, c.optim.weight_decay, c.optim.clip_norm = 0.9, 0.95, 0.0, 1.0
+    c.optim.ema_decay = 0.0
+    c.train.compute_dtype = "bfloat16"
+    c.train.remat = True
+    c.train.batch_size = 256
+    c.train.steps = 10000
+    c.train.log_every = 20
+    c.checkpoint.every_steps = 500
+    c.checkpoint.keep = 3
+    c.eval.every_steps = 2000
+    c.mesh.shape = (1, -1, int(a.get("tensor", shape["tensor"])))
+
+    if smoke:  # same family, tiny: Shapes World at 32 px, a few steps on CPU.
+        c.data.image_size = 32
+        c.data.tokenizer_dir = str(a.get("tokenizer", ""))
+        c.data.num_workers = 0
+        c.data.train_size, c.data.validation_size, c.data.test_size, c.data.heldout_size = 64, 16, 16, 16
+        v.codebook_size, v.downsample, v.width, v.channel_mult = 256, 8, 16, (1, 1, 2, 2)
+        u.llm.vocab_size, u.llm.width, u.llm.depth, u.llm.num_heads, u.llm.num_kv_heads = 1024, 64, 2, 4, 4
+        u.llm.head_dim, u.llm.mlp_dim = 16, 160
+        vit.image_size, vit.patch_size, vit.width, vit.depth, vit.num_heads, vit.mlp_dim = 32, 16, 32, 2, 2, 64
+        u.gen_adapter_dim = u.gen_head_dim = u.und_adapter_dim = 64
+        c.data.max_seq_len = 64
+        c.train.compute_dtype = "float32"
+        c.train.batch_size, c.train.steps, c.train.log_every = 8, 4, 2
+        c.optim.warmup_steps, c.optim.lr = 1, 1e-3
+        c.checkpoint.every_steps = 100
+        c.eval.every_steps, c.eval.num_examples = 0, 16
+        c.mesh.shape = (1, -1, 1)
+        c.train.tensorboard = False
+    u.codebook_size = v.codebook_size
+    grid = c.data.image_size // v.downsample
+    u.num_codes = grid * grid
+    return c
+
+
+def get_config(arg=None):
+    return build(arg, SHAPE)

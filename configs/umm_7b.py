@@ -1,0 +1,24 @@
+"""Real scale: SGT post-training of a Janus-Pro-7B-shaped UMM on a Cloud TPU v5p pod.
+
+Same recipe, ViT, VQ, data and options as configs/umm_1b.py; the decoder is 30 x 4096, 32 heads
+(MHA), SwiGLU 11008, vocab 102400. Mesh: FSDP over the pod x tensor parallelism 4 inside a host
+(`mesh.shape = (1, -1, 4)`: heads, MLP and vocab split 4 ways; `tensor=T` changes it).
+
+    python tools/train.py --config=configs/umm_7b.py:proxy=segmentation,init=gs://.../janus_pro_7b_sgt_jax
+"""
+import importlib.util
+import os
+
+SHAPE = {  # Janus-Pro-7B
+    "llm": dict(vocab_size=102400, width=4096, depth=30, num_heads=32, num_kv_heads=32, head_dim=128,
+                mlp_dim=11008),
+    "tensor": 4,
+}
+
+
+def get_config(arg=None):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "umm_1b.py")
+    spec = importlib.util.spec_from_file_location("sgt_configs_umm_1b", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.build(arg, SHAPE)

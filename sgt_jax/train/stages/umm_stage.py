@@ -1,0 +1,230 @@
+"""Stage "umm": base pretraining and SGT post-training of the unified model with a frozen VQ.
+
+Params are `{"umm": <UMM params>, "vq": <VQ params>}`. The VQ sits in the train state (so a UMM
+checkpoint is self-contained for sampling and for the next stage) but is always frozen: it is
+matched by `frozen`, gets no optimizer moments and stays bitwise unchanged. A fresh base run loads
+it from the VQ stage with `init_from.path=<vq workdir>`, `init_from.mapping="->vq"`; a post-training
+run loads everything from the base run with the identity mapping.
+
+Inside the jitted step the target images of the batch are tokenized by the frozen VQ encoder under
+`stop_gradient` (no pre-tokenization pass), spliced into the sequence at `gen_start`, and the loss is
+
+    loss = sum_p w_text[p] * CE_text[p] / #{w_text > 0}  +  gen_weight * mean_{gen positions} CE_code
+
+i.e. 1.5 x (mean answer-token CE) + 1.0 x (mean code CE) with the default weights (SGT recipe);
+`w_text` comes from the data (`sequences.py` writes the text weight into `text_loss_weight`).
+Per-task metrics are the unweighted mean CE over that task's loss tokens (NaN on a step whose
+batch holds no example of the task).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sgt_jax.config import TASKS
+from sgt_jax.data import sequences
+from sgt_jax.models import umm as umm_lib
+from sgt_jax.models import vq as vq_lib
+from sgt_jax.models.vit import vit_flops_per_image
+from sgt_jax.train.stage import BaseStage, register_stage
+
+log = logging.getLogger(__name__)
+
+VQ_KEY, UMM_KEY = "vq", "umm"
+
+
+def _short(task: str) -> str:
+    return task.replace("proxy_", "")
+
+
+@register_stage("umm")
+class UMMStage(BaseStage):
+    """Stage protocol implementation for the Janus-style UMM (see module docstring)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        sequences.check_sequence_config(cfg)  # also when validate() ran before this module was imported
+        self.mcfg = umm_lib.UMMConfig.from_config(cfg)
+        self.model = umm_lib.UMM(self.mcfg)
+        # The frozen tokenizer always runs in float32 so the codes it assigns here are exactly the
+        # codes the evaluators and the sampler's decoder see.
+        self.vq = vq_lib.VQModel(vq_lib.spec_from_config(cfg), jnp.float32)
+        self.layout = sequences.Layout.from_config(cfg)
+        if self.layout.num_vit_tokens != self.mcfg.num_vit_tokens or self.layout.num_codes != self.mcfg.num_codes:
+            raise ValueError(f"sequence layout {self.layout} disagrees with the model config {self.mcfg}")
+        frozen = [f"^{VQ_KEY}/"]
+        if cfg.model.umm_stage.freeze_vit:
+            frozen.append(f"^{UMM_KEY}/vit/")
+        self.frozen = tuple(frozen)
+        self.tasks = tuple(t for t in TASKS if t in cfg.data.mixture)
+
+    # -- shapes --------------------------------------------------------------------------------
+    def dummy_batch(self, batch_size: int) -> dict[str, Any]:
+        return {k: np.zeros((batch_size,) + shape, dtype)
+                for k, (shape, dtype) in sequences.example_spec(self.layout).items()}
+
+    def tokens_per_example(self) -> float:
+        return float(self.layout.max_seq_len)
+
+    # -- params ----------------------------------------------------------------------------------
+    def init(self, rng, example_batch):
+        one = {k: jnp.zeros((1,) + tuple(v.shape[1:]), v.dtype) for k, v in example_batch.items()}
+        inputs = self._model_inputs(one, jnp.zeros((1, self.mcfg.num_codes), jnp.int32))
+        r_umm, r_vq = jax.random.split(rng)
+        umm_params = self.model.init(r_umm, inputs)["params"]
+        vq_params = vq_lib.init_params(self.vq, r_vq)
+        return {UMM_KEY: umm_params, VQ_KEY: vq_params}, {}
+
+    # -- loss --------------------------------------------------------------------------------
+    def tokenize_targets(self, vq_params, target_image) -> jax.Array:
+        """uint8 [B,H,W,3] -> int32 [B, N] codes from the frozen VQ (no gradient)."""
+        images = target_image.astype(jnp.float32) / 127.5 - 1.0
+        codes = vq_lib.encode(self.vq, jax.lax.stop_gradient(vq_params), images)
+        return jax.lax.stop_gradient(codes.reshape(codes.shape[0], -1))
+
+    @staticmethod
+    def _model_inputs(batch, codes) -> dict:
+        return {"tokens": batch["tokens"], "attn_mask": batch["attn_mask"], "vit_images": batch["vit_image"],
+                "vit_start": batch["vit_start"], "codes": codes, "gen_start": batch["gen_start"]}
+
+    def losses(self, params, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Forward + loss on one batch -> (scalar loss, scalar metrics). Shared by training and eval."""
+        codes = self.tokenize_targets(params[VQ_KEY], batch["target_image"])
+        out = self.model.apply({"params": params[UMM_KEY]}, self._model_inputs(batch, codes), deterministic=False)
+        tokens = batch["tokens"]
+        b, length = tokens.shape
+        n = codes.shape[1]
+        # Targets of position p: the text token at p+1 / the code at p+1.
+        text_tgt = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
+        code_idx = jnp.clip(jnp.arange(length)[None, :] + 1 - batch["gen_start"][:, None], 0, n - 1)
+        code_tgt = jnp.take_along_axis(codes, code_idx, axis=1)
+        text_ce = optax.softmax_cross_entropy_with_integer_labels(out["text_logits"], text_tgt)
+        gen_ce = optax.softmax_cross_entropy_with_integer_labels(out["gen_logits"], code_tgt)
+
+        w = batch["text_loss_weight"].astype(jnp.float32)
+        text_m = (w > 0).astype(jnp.float32)
+        gen_m = batch["gen_loss_mask"].astype(jnp.float32)
+        n_text, n_gen = jnp.sum(text_m), jnp.sum(gen_m)
+        text_loss = jnp.sum(w * text_ce) / jnp.maximum(n_text, 1.0)
+        gen_loss = float(self.layout.gen_weight) * jnp.sum(gen_m * gen_ce) / jnp.maximum(n_gen, 1.0)
+        loss = text_loss + gen_loss
+
+        text_hit = (jnp.argmax(out["text_logits"], -1) == text_tgt).astype(jnp.float32)
+        gen_hit = (jnp.argmax(out["gen_logits"], -1) == code_tgt).astype(jnp.float32)
+        metrics = {
+            "text_loss": text_loss, "gen_loss": gen_loss,
+            "text_ce": jnp.sum(text_m * text_ce) / jnp.maximum(n_text, 1.0),
+            "gen_ce": jnp.sum(gen_m * gen_ce) / jnp.maximum(n_gen, 1.0),
+            "text_acc": jnp.sum(text_m * text_hit) / jnp.maximum(n_text, 1.0),
+            "gen_acc": jnp.sum(gen_m * gen_hit) / jnp.maximum(n_gen, 1.0),
+            "text_tokens": n_text / b, "gen_tokens": n_gen / b,
+            "truncated": jnp.mean(batch["truncated"].astype(jnp.float32)),
+            "seq_fill": jnp.mean(batch["attn_mask"].astype(jnp.float32)),
+        }
+        # Per task: unweighted mean CE over that task's loss positions (text or code).
+        ce = text_m * text_ce + gen_m * gen_ce
+        m = text_m + gen_m
+        for task in self.tasks:
+            sel = (batch["task"] == TASKS.index(task)).astype(jnp.float32)[:, None]
+            count = jnp.sum(sel * m)
+            metrics[f"loss/{_short(task)}"] = jnp.where(count > 0, jnp.sum(sel * ce) / jnp.maximum(count, 1.0),
+                                                        jnp.nan)
+            metrics[f"frac/{_short(task)}"] = jnp.mean(sel)
+        return loss, metrics
+
+    def loss_fn(self, params, model_state, batch, rng, step):
+        del rng, step  # the model has no dropout; data randomness lives in the pipeline
+        loss, metrics = self.losses(params, batch)
+        return loss, (metrics, model_state)
+
+    # -- FLOPs ----------------------------------------------------------------------------------
+    def flops_per_example(self) -> float:
+        """Training FLOPs of one row: 3 x forward for trained parts (decoder + heads over all L
+        positions, ViT + adapter, code adapter), 1 x forward for a frozen ViT, plus the frozen VQ
+        encoder's forward once (counted by XLA's cost analysis of the lowered encoder)."""
+        c, L = self.mcfg, self.layout.max_seq_len
+        llm = umm_lib.flops_per_token(c, L) * L
+        vit = vit_flops_per_image(c.vit) + 2 * c.num_vit_tokens * (c.vit.width * c.und_adapter_dim
+                                                                    + c.und_adapter_dim * c.llm.width)
+        gen_in = 2 * c.num_codes * (c.gen_embed_dim * c.gen_adapter_dim + c.gen_adapter_dim * c.llm.width)
+        vit_mult = 1.0 if self.cfg.model.umm_stage.freeze_vit else 3.0
+        return float(3.0 * (llm + gen_in) + vit_mult * vit + self._vq_encoder_flops())
+
+    def _vq_encoder_flops(self) -> float:
+        if not hasattr(self, "_vq_flops"):
+            s = self.vq.spec
+            try:
+                params = nn.meta.unbox(jax.eval_shape(lambda: vq_lib.init_params(self.vq, jax.random.key(0))))
+                images = jax.ShapeDtypeStruct((1, s.image_size, s.image_size, 3), jnp.float32)
+                cost = jax.jit(lambda p, x: vq_lib.encode(self.vq, p, x)).lower(params, images).cost_analysis()
+                cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+                self._vq_flops = float(cost.get("flops", 0.0))
+            except Exception as e:  # cost analysis is backend-dependent; MFU then omits the VQ
+                log.warning("VQ encoder FLOPs unavailable (%s); MFU counts the UMM only", e)
+                self._vq_flops = 0.0
+        return self._vq_flops
+
+    # -- data -------------------------------------------------------------------------------------
+    def record_source(self, split: str):
+        """Records to read: None = the built dataset split (`datasets.open_source`). Subclasses
+        (tests, custom data) return a `pipeline.RecordSource` or one per task."""
+        return None
+
+    def make_iterator(self, split: str, *, process_index: int, process_count: int, seed: int, **_):
+        """The shared grain pipeline over `record_source(split)` with this stage's task transforms."""
+        from sgt_jax.data import pipeline
+
+        return pipeline.make_iterator(self.cfg, split, self.example_transform(split), process_index=process_index,
+                                      process_count=process_count, seed=seed, sources=self.record_source(split))
+
+    def example_transform(self, split: str):
+        """Task -> transform for the grain mixture (`cfg.data.mixture` names the tasks)."""
+        from sgt_jax.data import datasets
+
+        if not hasattr(self, "_builder"):
+            tok = datasets.load_dataset_tokenizer(self.cfg)
+            if len(tok) > self.mcfg.llm.vocab_size:
+                raise ValueError(f"the tokenizer has {len(tok)} ids but config field 'model.umm.llm.vocab_size' = "
+                                 f"{self.mcfg.llm.vocab_size}; it must cover the tokenizer")
+            self._builder = sequences.SequenceBuilder.from_config(self.cfg, tok)
+        builder = self._builder
+        return {task: sequences.task_transform(builder, task) for task in self.cfg.data.mixture.keys()}
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, params, model_state, *, step, workdir) -> dict[str, float]:
+        """Held-out loss: the training loss and per-task CE on `cfg.eval.num_examples` rows of
+        `cfg.eval.split` (one ordered pass, same task mixture and transforms as training; 0 = off).
+        Sampling-based benchmarks (CV-Bench / GenEval analogues) live in `sgt_jax.eval`."""
+        from sgt_jax.data import pipeline
+
+        if int(self.cfg.eval.num_examples) <= 0:
+            return {}
+        split = self.cfg.eval.split
+        batch_size = int(self.cfg.train.batch_size)
+        n_batches = max(1, int(self.cfg.eval.num_examples) // batch_size)
+        # Every process reads the same rows (they are small and replicated under jit).
+        it = pipeline.make_iterator(self.cfg, split, self.example_transform(split), process_index=0,
+                                    process_count=1, seed=int(self.cfg.data.shuffle_seed), batch_size=batch_size,
+                                    training=False, sources=self.record_source(split))
+        if not hasattr(self, "_eval_fn"):
+            self._eval_fn = jax.jit(self.losses)  # compiled once per stage, reused every evaluation
+        fn = self._eval_fn
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for i, batch in enumerate(it):
+            if i >= n_batches:
+                break
+            batch = {k: v for k, v in batch.items() if k in self.dummy_batch(1)}
+            loss, metrics = jax.device_get(fn(params, batch))
+            for k, v in {"loss": loss, **metrics}.items():
+                v = float(v)
+                if np.isfinite(v):
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+        return {f"eval/{k}": sums[k] / counts[k] for k in sums if not k.startswith("frac/")}

@@ -1,0 +1,179 @@
+"""UMM stage: smoke runs of the base and post-training configs through the generic loop lower the
+loss, the VQ stays bitwise frozen, the post stage loads the base checkpoint, per-task metrics."""
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from sgt_jax.config import PROXIES, TASKS, validate
+from sgt_jax.data import pipeline, shapes_world, tokenizer
+from sgt_jax.train import loop
+from sgt_jax.train.stages.umm_stage import UMMStage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_SCENES = 48
+
+
+def _config_module(name):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class InMemoryUMMStage(UMMStage):
+    """The real stage, reading scenes generated in memory instead of a built TFDS dataset, and
+    keeping the result of every evaluate() call."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.eval_history = []
+
+    def record_source(self, split):
+        d = self.cfg.data
+        wcfg = shapes_world.WorldConfig(image_size=d.image_size, min_objects=d.min_objects, max_objects=d.max_objects)
+        scenes = [dict(shapes_world.generate_scene(i, wcfg, split), key=f"{split}/{i}") for i in range(NUM_SCENES)]
+        return pipeline.RecordSource(raw=list(range(NUM_SCENES)), deserialize=scenes.__getitem__, name=f"mem/{split}")
+
+    def evaluate(self, params, model_state, *, step, workdir):
+        out = super().evaluate(params, model_state, step=step, workdir=workdir)
+        self.eval_history.append((step, out))
+        return out
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("umm_tok") / "tok")
+    cfg = _config_module("base_shapes").get_config("smoke")
+    tokenizer.build_shapes_tokenizer(out, cfg, num_scenes=60)
+    return out
+
+
+def _smoke(name, arg, tok_dir, **init_from):
+    cfg = _config_module(name).get_config(arg)
+    cfg.data.tokenizer_dir = tok_dir
+    cfg.checkpoint.async_save = False
+    cfg.init_from.path = init_from.get("path", "")
+    return cfg
+
+
+def _fixed_batch(stage):
+    it = stage.make_iterator("train", process_index=0, process_count=1, seed=123)
+    return {k: v for k, v in next(it).items() if k in stage.dummy_batch(1)}
+
+
+def _vq(params):
+    return jax.tree.leaves(jax.device_get(params["vq"]))
+
+
+def _check_loss_decreased(stage, tasks):
+    """Held-out loss after the first update (lr 0 under warmup: the initial params) vs the end."""
+    steps = [s for s, _ in stage.eval_history]
+    assert steps == list(range(1, stage.cfg.train.steps + 1)), steps
+    first, last = stage.eval_history[0][1], stage.eval_history[-1][1]
+    assert last["eval/loss"] < first["eval/loss"] - 0.3, (first["eval/loss"], last["eval/loss"])
+    for task in tasks:
+        assert last[f"eval/loss/{task}"] < first[f"eval/loss/{task}"], task
+
+
+def test_configs_validate():
+    base = _config_module("base_shapes")
+    post = _config_module("post_shapes")
+    for cfg in (base.get_config(), base.get_config("smoke")):
+        validate(cfg, 8)
+        assert set(cfg.data.mixture) == {"understanding", "t2i"} and cfg.init_from.mapping == "->vq"
+    for proxy in ("none",) + PROXIES:
+        cfg = post.get_config(f"proxy={proxy},smoke")
+        validate(cfg, 8)
+        if proxy == "none":
+            assert dict(cfg.data.mixture) == {"understanding": 1.0}
+        else:
+            assert dict(cfg.data.mixture) == {f"proxy_{proxy}": 2.0, "understanding": 1.0}
+        assert cfg.optim.schedule == "constant" and cfg.data.text_loss_weight == 1.5
+    with pytest.raises(ValueError, match="proxy"):
+        post.get_config("proxy=bogus")
+
+
+def test_frozen_patterns_match_vq_and_optionally_vit():
+    import flax.linen as nn
+
+    from sgt_jax.train import optim
+
+    cfg = _config_module("base_shapes").get_config("smoke")
+    cfg.model.umm_stage.freeze_vit = True
+    stage = UMMStage(cfg)
+    params = nn.unbox(jax.eval_shape(lambda k: stage.init(k, stage.dummy_batch(1))[0], jax.random.key(0)))
+    labels = optim.param_labels(params, stage.frozen)
+    flat = {optim.path_str(p): lab for p, lab in jax.tree_util.tree_flatten_with_path(labels)[0]}
+    assert all((lab == optim.FROZEN) == (path.startswith("vq/") or path.startswith("umm/vit/"))
+               for path, lab in flat.items())
+    assert any(p.startswith("vq/") for p in flat) and any(p.startswith("umm/vit/") for p in flat)
+    assert any(p.startswith("umm/und_adapter/") and lab == optim.TRAIN for p, lab in flat.items())
+
+
+def test_base_then_post_smoke_runs(tmp_path, tok_dir):
+    # ---- base: from scratch (random frozen VQ; the real run loads it via init_from "->vq") ----
+    cfg = _smoke("base_shapes", "smoke", tok_dir)
+    cfg.eval.every_steps = 1
+    base_dir = str(tmp_path / "base")
+    stage = InMemoryUMMStage(cfg)
+    assert stage.frozen == ("^vq/",)
+    res = loop.train(cfg, base_dir, stage=stage)
+    assert res.step == cfg.train.steps and res.train_step_compiles == 1
+    for task in ("understanding", "t2i"):
+        assert np.isfinite(res.metrics[f"train/loss/{task}"])
+    _check_loss_decreased(stage, ("understanding", "t2i"))
+    final = jax.device_get(res.state.params)
+
+    # Loss masks, on the trained params with the stage's compiled eval loss (no new compile).
+    f = stage._eval_fn
+    batch = _fixed_batch(stage)
+    _, m = f(final, batch)
+    assert float(m["text_loss"]) == pytest.approx(1.5 * float(m["text_ce"]), rel=1e-5)  # weight 1.5 on answers
+    # No answer weights -> no text loss; the generation loss does not move.
+    _, m2 = f(final, dict(batch, text_loss_weight=np.zeros_like(batch["text_loss_weight"])))
+    assert float(m2["text_loss"]) == 0.0 and float(m2["gen_loss"]) == pytest.approx(float(m["gen_loss"]), rel=1e-6)
+    # Other target images (-> other codes from the in-graph VQ) move only the generation loss.
+    _, m3 = f(final, dict(batch, target_image=255 - batch["target_image"]))
+    assert float(m3["text_loss"]) == pytest.approx(float(m["text_loss"]), rel=1e-5)
+    assert abs(float(m3["gen_loss"]) - float(m["gen_loss"])) > 1e-3
+
+    # ---- post: SGT segmentation from the base checkpoint (identity mapping) ----
+    pcfg = _smoke("post_shapes", "proxy=segmentation,smoke", tok_dir, path=base_dir)
+    pcfg.seed = 1  # its own fresh init differs from the base's, so equal VQ params prove the load
+    pcfg.eval.every_steps = 1
+    pstage = InMemoryUMMStage(pcfg)
+    pres = loop.train(pcfg, str(tmp_path / "post"), stage=pstage)
+    pfinal = jax.device_get(pres.state.params)
+    # The VQ came from the base checkpoint and stayed bitwise frozen; the UMM weights moved.
+    for a, b in zip(_vq(final), _vq(pfinal), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(final["umm"]["gen_head"]["fc2"]["kernel"], pfinal["umm"]["gen_head"]["fc2"]["kernel"])
+    _check_loss_decreased(pstage, ("understanding", "segmentation"))
+    assert np.isfinite(pres.metrics["train/loss/segmentation"])
+    pbatch = _fixed_batch(pstage)
+    assert set(np.unique(pbatch["task"])) <= {TASKS.index("understanding"), TASKS.index("proxy_segmentation")}
+
+
+@pytest.mark.parametrize("name,low,high", [("umm_1b", 1.9e9, 2.2e9), ("umm_7b", 7.2e9, 7.6e9)])
+def test_real_scale_configs_match_janus_pro(name, low, high):
+    """The TPU configs build Janus-Pro-sized models (2.09B / 7.42B parameters incl. SigLIP-L and
+    the VQ), abstractly (no memory), and their smoke variants validate on the 8 test devices."""
+    import flax.linen as nn
+
+    mod = _config_module(name)
+    cfg = mod.get_config("proxy=segmentation")
+    validate(cfg)
+    assert cfg.train.compute_dtype == "bfloat16" and cfg.train.remat and cfg.mesh.shape[1] == -1
+    assert dict(cfg.data.mixture) == {"proxy_segmentation": 2.0, "understanding": 1.0}
+    stage = UMMStage(cfg)
+    assert stage.layout.num_vit_tokens == 576 and stage.layout.num_codes == 576
+    params = nn.unbox(jax.eval_shape(lambda k: stage.init(k, stage.dummy_batch(1))[0], jax.random.key(0)))
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    assert low < total < high, total
+    # ~6 x params x tokens: the analytic count is within a few percent of that rule of thumb.
+    n_llm = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["umm"]["llm"]))
+    assert 0.9 < stage.flops_per_example() / (6 * n_llm * cfg.data.max_seq_len) < 1.3
+    validate(mod.get_config("smoke"), 8)
