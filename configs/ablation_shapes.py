@@ -19,22 +19,17 @@ reconstruction | mae | none), `seed=S`, plus anything configs/post_shapes.py acc
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
-from sgt_jax.config import PROXIES, parse_arg
+from sgt_jax.config import PROXIES, config_module, parse_arg
 
 ABLATION_PROXIES: tuple[str, ...] = PROXIES + ("none",)
 NUM_SEEDS = 3
 
 
 def _post_shapes():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "post_shapes.py")
-    spec = importlib.util.spec_from_file_location("sgt_configs_post_shapes", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return config_module("post_shapes.py", __file__)
 
 
 def get_config(arg=None):

@@ -13,10 +13,8 @@ span trains fewer steps at the same cost (~6-8 min here).
 Options (comma-separated): `smoke` (tiny, for tests), `vq=PATH` (VQ workdir), `vqarg=A` (arg of
 configs/vq_shapes.py), `steps=N`.
 """
-import importlib.util
-import os
 
-from sgt_jax.config import default_config, parse_arg
+from sgt_jax.config import config_module, default_config, parse_arg
 
 BASE_POSITIONS = 300 * 32 * 144  # sequence positions trained by the base stage (batch x steps x length)
 # Text room per row, measured with the Shapes World BPE (512 ids): MCQ prompts <= 41 tokens + a
@@ -29,11 +27,7 @@ INSTRUCTION_ROOM = 48  # proxy instruction tokens
 
 def load_sibling(name: str, arg=None):
     """get_config(arg) of another file in configs/ (configs/ is not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"sgt_configs_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return config_module(f"{name}.py", __file__).get_config(arg)
 
 
 def round_up(n: int, m: int = 16) -> int:

@@ -13,20 +13,14 @@ every proxy run train the same number of steps at the same batch size.
 Options: `proxy=NAME` (required), `base=PATH` (base workdir, default runs/base), `ratio=R`,
 `steps=N`, `smoke`, `vqarg=A` (as for base_shapes).
 """
-import importlib.util
-import os
 
-from sgt_jax.config import PROXIES, parse_arg
+from sgt_jax.config import PROXIES, config_module, parse_arg
 
 POST_POSITIONS = 200 * 32 * 160  # proxy-row positions of one post-training run (batch x steps x length)
 
 
 def _base():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_shapes.py")
-    spec = importlib.util.spec_from_file_location("sgt_configs_base_shapes", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return config_module("base_shapes.py", __file__)
 
 
 def get_config(arg=None):

@@ -6,8 +6,7 @@ Same recipe, ViT, VQ, data and options as configs/umm_1b.py; the decoder is 30 x
 
     python tools/train.py --config=configs/umm_7b.py:proxy=segmentation,init=gs://.../janus_pro_7b_sgt_jax
 """
-import importlib.util
-import os
+from sgt_jax.config import config_module
 
 SHAPE = {  # Janus-Pro-7B
     "llm": dict(vocab_size=102400, width=4096, depth=30, num_heads=32, num_kv_heads=32, head_dim=128,
@@ -17,8 +16,4 @@ SHAPE = {  # Janus-Pro-7B
 
 
 def get_config(arg=None):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "umm_1b.py")
-    spec = importlib.util.spec_from_file_location("sgt_configs_umm_1b", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.build(arg, SHAPE)
+    return config_module("umm_1b.py", __file__).build(arg, SHAPE)

@@ -8,6 +8,9 @@ task names, mixture weights) that need more than one field.
 from __future__ import annotations
 
 import ast
+import importlib.util
+import os
+from types import ModuleType
 from typing import Any, Callable, Sequence
 
 import ml_collections
@@ -234,6 +237,23 @@ def parse_arg(arg: str | None) -> ml_collections.ConfigDict:
     return out
 
 
+def config_module(path: str, relative_to: str | None = None) -> ModuleType:
+    """Import an experiment file (configs/ is a folder of files, not a package) by path.
+
+    `relative_to` (a config's own `__file__`) lets one config build on a sibling: `config_module(
+    "base_shapes.py", __file__).get_config(...)`.
+    """
+    if relative_to is not None:
+        path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+    name = "sgt_configs_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"no experiment config at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # ---------------------------------------------------------------------------------------------
 # validation
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +407,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _check_schema(default_config(), cfg, "")
     _check_semantics(cfg, num_devices)
     if cfg.stage == "umm":
-        import sgt_jax.models.umm  # noqa: F401  (registers the model's checks)
+        import sgt_jax.data.sequences  # noqa: F401  (register the sequence-length checks ...)
+        import sgt_jax.models.umm  # noqa: F401  (... and the model's)
     for check in _EXTRA_CHECKS:
         check(cfg)
     return cfg

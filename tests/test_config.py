@@ -1,6 +1,5 @@
 """Config schema and validation: every bad field raises one ConfigError naming field, value, allowed."""
 import glob
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,7 +7,7 @@ import sys
 import ml_collections
 import pytest
 
-from sgt_jax.config import ConfigError, default_config, parse_arg, resolve_mesh_shape, validate
+from sgt_jax.config import ConfigError, config_module, default_config, parse_arg, resolve_mesh_shape, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,9 +145,7 @@ def _config_files():
 @pytest.mark.parametrize("path", _config_files(), ids=os.path.basename)
 def test_experiment_configs_validate(path):
     name = os.path.basename(path)
-    spec = importlib.util.spec_from_file_location(name[:-3], path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = config_module(path)
     arg = _REQUIRED_ARGS.get(name)
     validate(mod.get_config(arg))  # full-size configs target real meshes; device checks apply at launch
     with open(path) as f:

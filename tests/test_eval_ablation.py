@@ -1,17 +1,13 @@
 """configs/ablation_shapes.py: the sweep is every proxy x 3 seeds of valid post_shapes configs."""
-import importlib.util
 import os
 
-from sgt_jax.config import PROXIES, validate
+from sgt_jax.config import PROXIES, config_module, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("ablation_shapes", os.path.join(ROOT, "configs", "ablation_shapes.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return config_module(os.path.join(ROOT, "configs", "ablation_shapes.py"))
 
 
 def test_sweep_covers_every_proxy_and_seed():

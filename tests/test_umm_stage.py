@@ -1,13 +1,12 @@
 """UMM stage: smoke runs of the base and post-training configs through the generic loop lower the
 loss, the VQ stays bitwise frozen, the post stage loads the base checkpoint, per-task metrics."""
-import importlib.util
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from sgt_jax.config import PROXIES, TASKS, validate
+from sgt_jax.config import PROXIES, TASKS, config_module, validate
 from sgt_jax.data import pipeline, shapes_world, tokenizer
 from sgt_jax.train import loop
 from sgt_jax.train.stages.umm_stage import UMMStage
@@ -17,10 +16,7 @@ NUM_SCENES = 48
 
 
 def _config_module(name):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return config_module(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 class InMemoryUMMStage(UMMStage):

@@ -2,13 +2,11 @@
 
 MFU = achieved model FLOP/s (analytic FLOPs per example x examples/s, from the stage) / peak. Peaks are
 vendor bf16 dense numbers per platform; on CPU there is no such number, so a large matmul is timed
-once per machine and cached (see `measured_cpu_peak_tflops`).
+once per process (see `measured_cpu_peak_tflops`).
 """
 from __future__ import annotations
 
-import json
 import os
-import platform
 import time
 
 import jax
@@ -26,25 +24,14 @@ _PEAKS = (
 _CPU_CACHE: dict[str, float] = {}
 
 
-def _cache_file() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "sgt_jax", "cpu_peak_tflops.json")
+def measured_cpu_peak_tflops(n: int = 2048, reps: int = 5) -> float:
+    """Whole-machine float32 matmul TFLOP/s, measured once per process (best of `reps`).
 
-
-def measured_cpu_peak_tflops(n: int = 1024, reps: int = 8) -> float:
-    """Whole-machine float32 matmul TFLOP/s, measured once and cached on disk per host + core count."""
-    key = f"{platform.node()}:{os.cpu_count()}:{n}"
+    Not cached on disk: a value measured while the machine was busy would mislead every later run.
+    """
+    key = f"{os.cpu_count()}:{n}"
     if key in _CPU_CACHE:
         return _CPU_CACHE[key]
-    path = _cache_file()
-    try:
-        with open(path) as f:
-            cached = json.load(f)
-        if key in cached:
-            _CPU_CACHE[key] = float(cached[key])
-            return _CPU_CACHE[key]
-    except (OSError, ValueError):
-        cached = {}
     cpu = jax.devices("cpu")[0]
     a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
     f = jax.jit(lambda x: x @ x)
@@ -54,16 +41,8 @@ def measured_cpu_peak_tflops(n: int = 1024, reps: int = 8) -> float:
         t = time.perf_counter()
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
-    tflops = 2.0 * n ** 3 / best / 1e12
-    _CPU_CACHE[key] = tflops
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        cached[key] = tflops
-        with open(path, "w") as fh:
-            json.dump(cached, fh)
-    except OSError:
-        pass
-    return tflops
+    _CPU_CACHE[key] = 2.0 * n ** 3 / best / 1e12
+    return _CPU_CACHE[key]
 
 
 def peak_tflops_per_device(configured: float = 0.0, device: jax.Device | None = None) -> float:

@@ -115,8 +115,10 @@ class TrainLogger:
                 out[k] = float(vals.sum())
             elif k in _LAST:
                 out[k] = float(vals[-1])
-            else:
-                out[k] = float(vals.mean())
+            elif np.isnan(vals).all():  # e.g. a task absent from every batch in this window
+                out[k] = float("nan")
+            else:  # per-task losses are NaN on steps without that task: average the others
+                out[k] = float(np.nanmean(vals))
         scalars = {f"train/{k}": v for k, v in out.items()}
         if self._t_last is not None:
             tp = flops_lib.throughput(steps=self._steps_since, seconds=now - self._t_last,
