@@ -68,6 +68,9 @@ def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
     c.train.compute_dtype = "bfloat16"
     c.train.remat = True
     c.train.batch_size = 256
+    # Microbatches per step: the dry run (tools/dry_run.py, v5p-64) puts 7B at ~386 GiB/chip with 32
+    # rows per shard in one pass and ~65 GiB with 8 microbatches; 1B fits in one (~87 GiB).
+    c.optim.grad_accum_steps = int(a.get("accum", shape.get("grad_accum_steps", 1)))
     c.train.steps = 10000
     c.train.log_every = 20
     c.checkpoint.every_steps = 500
@@ -92,6 +95,7 @@ def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
         c.checkpoint.every_steps = 100
         c.eval.every_steps, c.eval.num_examples = 0, 16
         c.mesh.shape = (1, -1, 1)
+        c.optim.grad_accum_steps = 1
         c.train.tensorboard = False
     u.codebook_size = v.codebook_size
     grid = c.data.image_size // v.downsample

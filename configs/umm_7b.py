@@ -12,6 +12,7 @@ SHAPE = {  # Janus-Pro-7B
     "llm": dict(vocab_size=102400, width=4096, depth=30, num_heads=32, num_kv_heads=32, head_dim=128,
                 mlp_dim=11008),
     "tensor": 4,
+    "grad_accum_steps": 8,
 }
 
 

@@ -171,7 +171,7 @@ def default_config() -> ml_collections.ConfigDict:
         ("vocab", "tensor"),
         ("length", None),
         ("conv_in", None),
-        ("conv_out", "tensor"),
+        ("conv_out", None),  # VQ convs are small and end in 3 channels: replicate
         ("codebook", None),
         ("code_dim", None),
     )

@@ -1,0 +1,142 @@
+"""Benchmark and dry-run tooling: variant parsing, interleaved timing of the real jitted step, the
+table's derived numbers, and AOT memory analysis on abstract inputs. No timing assertions: speed is
+measured by tools/bench.py, not asserted here."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from train_toy_stage import ToyStage, toy_config
+
+from sgt_jax.config import ConfigError
+from sgt_jax.train import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_variant_parsing_and_overrides():
+    v = bench.parse_variant("bf16:train.compute_dtype=bfloat16,mesh.shape=(1, -1, 1),train.remat=True,optim.lr=1")
+    assert v.name == "bf16"
+    assert dict(v.overrides) == {"train.compute_dtype": "bfloat16", "mesh.shape": (1, -1, 1),
+                                 "train.remat": True, "optim.lr": 1}
+    assert bench.parse_variant("base") == bench.Variant("base", ())
+    with pytest.raises(ValueError):
+        bench.parse_variant(":train.remat=True")
+    with pytest.raises(ValueError):
+        bench.parse_overrides("train.remat")
+
+    cfg = toy_config()
+    out = bench.apply_overrides(cfg, v.overrides)
+    assert out.train.compute_dtype == "bfloat16" and out.train.remat is True
+    assert tuple(out.mesh.shape) == (1, -1, 1) and isinstance(out.optim.lr, float) and out.optim.lr == 1.0
+    assert cfg.train.compute_dtype == "float32" and cfg.train.remat is False  # the base is not touched
+    for bad in ("train.nope", "nope.remat", "train.remat.x"):
+        with pytest.raises(ConfigError, match="unknown config field"):
+            bench.apply_overrides(cfg, [(bad, 1)])
+
+
+def test_interleaved_bench_of_two_variants():
+    cfg = toy_config()
+    named = [("f32", cfg), ("bf16", bench.apply_overrides(cfg, [("train.compute_dtype", "bfloat16")]))]
+    runners = [bench.make_runner(c, name=n, stage=ToyStage(c)) for n, c in named]
+    bench.time_interleaved(runners, warmup=1, rounds=4, steps_per_round=2)
+    # Round-robin: A_i < B_i < A_{i+1}.
+    a, b = runners[0].starts, runners[1].starts
+    assert len(a) == len(b) == 4
+    assert all(a[i] < b[i] < a[i + 1] for i in range(3)) and a[3] < b[3]
+    # The state really trained: warm-up + rounds x steps updates, none skipped.
+    for r in runners:
+        assert int(jax.device_get(r.state.step)) == 1 + 4 * 2
+        assert r.skipped == 0 and np.isfinite(r.last_loss)
+
+    rows = bench.summarize(runners, peak_tflops=2.0)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(runners[0].built.setup.abstract.params))
+    stage = runners[0].built.stage
+    for row in rows:
+        assert row.params == n_params and 0 < row.trainable < row.params  # frozen_in is frozen
+        assert row.n == 4 and 0 < row.step_s_min <= row.step_s_median <= row.step_s_max
+        assert row.global_batch == 16 and row.devices == jax.device_count()
+        assert row.examples_per_sec == pytest.approx(16 / row.step_s_median)
+        assert row.tokens_per_sec == pytest.approx(row.examples_per_sec * stage.tokens_per_example())
+        tf = row.examples_per_sec * stage.flops_per_example() / jax.device_count() / 1e12
+        assert row.tflops_per_device == pytest.approx(tf)
+        assert row.mfu == pytest.approx(tf / 2.0) and row.peak_tflops == 2.0
+        assert row.compile_s > 0 and row.peak_mem_gib > 0
+    assert rows[0].ratio == 1.0
+    assert rows[1].ratio == pytest.approx(rows[1].step_s_median / rows[0].step_s_median)
+    table = bench.bench_table(rows)
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| f32 |") and lines[3].startswith("| bf16 |")
+    assert all(line.count("|") == len(bench.BENCH_COLUMNS) + 1 for line in lines)
+    json.dumps([r.as_dict() for r in rows])
+
+
+def test_dry_run_abstract_compile_reports_memory():
+    cfg = toy_config()
+    cfg.mesh.shape = (2, -1, 2)  # (2, 2, 2) here, (2, 8, 2) on the 32-chip target
+    rep = bench.dry_run(cfg, name="toy", target_devices=32, stage=ToyStage(cfg))
+    m = rep.memory
+    assert rep.devices == 8 and rep.mesh == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert rep.target_mesh == {"data": 2, "fsdp": 8, "tensor": 2} and rep.per_device_batch == 4
+    # Analytic per-device state: params + Adam moments (fp32, each leaf's shard); the donated state
+    # and the batch are arguments, so XLA's argument bytes cover the state.
+    assert 0 < rep.state_bytes <= m["argument"]
+    assert m["temp"] > 0 and m["alias"] > 0 and m["peak"] >= m["argument"]
+    full = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(
+        bench.build(cfg, materialize=False, stage=ToyStage(cfg)).setup.abstract))
+    assert rep.state_bytes * 4 >= full > rep.state_bytes  # sharded (fsdp x tensor), shards cover the state
+    assert rep.target_state_bytes <= rep.state_bytes  # more chips, smaller shards
+    assert rep.target_peak_bytes == m["peak"] - rep.state_bytes + rep.target_state_bytes
+    assert rep.fits and rep.params == 8 * 8 + 8 + 8 * 32 + 32 + 2 * 32 + 32 * 4 + 4
+    assert rep.big_params[0] == ("hidden/kernel", (8, 32), "P('fsdp', 'tensor')")
+    assert "FITS" in bench.dry_run_text(rep)
+
+
+def _run_tool(args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_dry_run_tool_on_umm_smoke(tmp_path):
+    out = tmp_path / "dry"
+    stdout = _run_tool(["tools/dry_run.py", "--config=configs/umm_1b.py:smoke", "--devices=4",
+                        "--target_devices=16", "--batch_per_device=2", f"--out={out}"])
+    assert "FITS" in stdout and "umm/llm/embedder/embedding" in stdout
+    (rep,) = json.loads((tmp_path / "dry.json").read_text())
+    # 2 rows per FSDP shard on 4 simulated devices -> a global batch of 8.
+    assert rep["devices"] == 4 and rep["target_devices"] == 16 and rep["global_batch"] == 8
+    assert rep["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert rep["target_state_bytes"] < rep["state_bytes"]
+    assert rep["memory"]["argument"] > 0 and rep["memory"]["temp"] > 0
+    assert rep["params"] > rep["trainable"] > 0
+
+
+def test_bench_tool_on_smoke_config(tmp_path):
+    out = tmp_path / "bench"
+    # The VQ stage (the UMM one is compiled by the dry-run test); one variant keeps this to one
+    # compile, test_interleaved_bench_of_two_variants covers several.
+    stdout = _run_tool(["tools/bench.py", "--config=configs/vq_shapes.py:smoke", "--config.train.batch_size=4",
+                        "--variant=small:optim.lr=3e-4", "--steps=2", "--warmup=1", "--devices=2", f"--out={out}"])
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["variants"] == [{"name": "small", "overrides": {"optim.lr": 3e-4}}]
+    (r,) = data["rows"]
+    assert r["variant"] == "small" and data["env"]["devices"] == 2 and r["global_batch"] == 4
+    assert r["n"] == 2 and r["step_s_median"] > 0 and r["examples_per_sec"] > 0 and r["params"] > 0
+    assert r["tflops_per_device"] > 0 and r["skipped_steps"] == 0 and np.isfinite(r["loss"])
+    assert "| small |" in stdout
+    assert (tmp_path / "bench.md").read_text().count("\n|") >= 3
+
+
+def test_dry_run_names_indivisible_parameters():
+    cfg = toy_config()
+    cfg.mesh.shape = (1, -1, 1)  # out/kernel (32, 4) has 'embed' -> fsdp = 8 on its dim of 4
+    with pytest.raises(ValueError, match=r"out/kernel \(32, 4\)"):
+        bench.dry_run(cfg, name="toy", stage=ToyStage(cfg))

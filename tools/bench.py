@@ -1,0 +1,132 @@
+"""Benchmark the real train step (or the image sampler) of config variants side by side.
+
+    python tools/bench.py --config=configs/base_shapes.py \
+        --variant=f32 --variant=bf16:train.compute_dtype=bfloat16 --variant=remat:train.remat=True \
+        --steps=10 --warmup=2 [--real_data] [--devices=8] [--out=runs/bench/base]
+
+Every variant's step is built as the training loop builds it (sharded state, `make_train_step`,
+jit with a donated state) and AOT-compiled; after warm-up the variants are timed round-robin
+(A B C A B C ...) so machine noise hits all of them alike. The table gives the median step time
+(with min/max) over `--steps` timed rounds, examples/s, tokens/s, TFLOP/s per device from the
+stage's analytic FLOPs, MFU against the per-platform peak (`--peak_tflops` or
+`train.peak_tflops_per_device` override it; on CPU the measured matmul peak is shared by the
+simulated devices), and each variant's step time relative to the first. `--sampler` times
+`sgt_jax.infer.sampler.generate_codes` (codes/s, with CFG) of each variant instead.
+
+A variant is `name:field=value,field=value` over the base config (which `--config.field=value`
+flags change for all variants); a bare `name` is the base config itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file (path[:arg]).", lock_config=False)
+_VARIANTS = flags.DEFINE_multi_string("variant", [], "name[:field=value,...]; repeatable. Default: one 'base'.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed rounds per variant (each times --steps_per_round steps).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per variant after compilation.")
+_PER_ROUND = flags.DEFINE_integer("steps_per_round", 1, "Back-to-back steps per timed round (per-step time = mean).")
+_REAL = flags.DEFINE_bool("real_data", False, "Feed batches from the stage's data pipeline instead of its dummy batch.")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for MFU (0 = config / platform default).")
+_DEVICES = flags.DEFINE_integer("devices", 0, "Simulate this many CPU devices (0 = the real devices).")
+_SAMPLER = flags.DEFINE_bool("sampler", False, "Time image-code sampling (UMM configs) instead of the train step.")
+_SAMPLER_BATCH = flags.DEFINE_integer("sampler_batch", 4, "Images per sampler call.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Prompt positions per sampler row.")
+_NO_CFG = flags.DEFINE_bool("no_cfg", False, "Sampler without classifier-free guidance (no doubled batch).")
+_OUT = flags.DEFINE_string("out", "", "Also write the table to OUT.json and OUT.md.")
+flags.mark_flags_as_required(["config"])
+
+
+def _simulate_devices(n: int) -> None:
+    """Must run before jax is imported (the flag is read when the CPU backend starts)."""
+    if n <= 0:
+        return
+    if "jax" in sys.modules:
+        raise RuntimeError("--devices must be applied before jax is imported")
+    flag = f"--xla_force_host_platform_device_count={n}"
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(kept + [flag])
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def environment() -> dict:
+    import jax
+    dev = jax.devices()[0]
+    env = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(), "jax": jax.__version__,
+           "backend": jax.default_backend(), "device_kind": getattr(dev, "device_kind", str(dev)),
+           "devices": jax.device_count(), "cpu_count": os.cpu_count()}
+    try:
+        env["load_avg_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    return env
+
+
+def write_out(prefix: str, payload: dict, table: str, header: str) -> None:
+    prefix = os.path.splitext(prefix)[0] if prefix.endswith((".json", ".md")) else prefix
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    with open(prefix + ".json", "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    with open(prefix + ".md", "w") as f:
+        f.write(header + "\n\n" + table + "\n")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _simulate_devices(_DEVICES.value)
+    from sgt_jax.train import bench  # imports jax: after the device flag
+
+    variants = [bench.parse_variant(v) for v in (_VARIANTS.value or ["base"])]
+    if len({v.name for v in variants}) != len(variants):
+        raise app.UsageError(f"variant names must be unique: {[v.name for v in variants]}")
+    named = [(v.name, bench.apply_overrides(_CONFIG.value, v.overrides)) for v in variants]
+    env = environment()
+    header = (f"# bench {config_flags.get_config_filename(flags.FLAGS['config'])}  ({env['backend']} "
+              f"{env['device_kind']} x{env['devices']}, jax {env['jax']}, {env['date']}, "
+              f"load {env.get('load_avg_1m', float('nan')):.2f})")
+    print(header)
+    for v in variants:
+        print(f"  {v.name}: {dict(v.overrides) or '(base config)'}")
+
+    if _SAMPLER.value:
+        rows = bench.time_samplers(named, batch=_SAMPLER_BATCH.value, prompt_len=_PROMPT_LEN.value,
+                                   guidance=not _NO_CFG.value, warmup=max(_WARMUP.value - 1, 0), rounds=_STEPS.value)
+        table = bench.sampler_table(rows)
+    else:
+        runners = []
+        for name, cfg in named:
+            r = bench.make_runner(cfg, name=name, real_data=_REAL.value)
+            print(f"  built {name}: {r.built.n_params:,} params, compiled in {r.compile_s:.1f}s", flush=True)
+            runners.append(r)
+        bench.time_interleaved(runners, warmup=_WARMUP.value, rounds=_STEPS.value,
+                               steps_per_round=_PER_ROUND.value)
+        rows = bench.summarize(runners, peak_tflops=_PEAK.value)
+        table = bench.bench_table(rows)
+        for r in rows:
+            if r.skipped_steps:
+                print(f"WARNING: {r.variant}: {r.skipped_steps} timed steps were non-finite and skipped the update; "
+                      f"its time is not representative", file=sys.stderr)
+        peak = rows[0].peak_tflops if rows else 0.0
+        note = (f"MFU peak {peak:.4g} TFLOP/s per device; median of {_STEPS.value} interleaved rounds x "
+                f"{_PER_ROUND.value} step(s) after {_WARMUP.value} warm-up; "
+                + ("real data batches" if _REAL.value else "the stage's dummy batch"))
+        header += "\n" + note
+        print(note)
+    print(table)
+    if _OUT.value:
+        write_out(_OUT.value, {"env": env, "variants": [{"name": v.name, "overrides": dict(v.overrides)}
+                                                       for v in variants],
+                               "mode": "sampler" if _SAMPLER.value else "train_step",
+                               "rows": [r.as_dict() for r in rows]}, table, header)
+        print(f"wrote {_OUT.value}.json / .md")
+
+
+if __name__ == "__main__":
+    app.run(main)
