@@ -188,6 +188,10 @@ def test_report_with_plots(tiny, tmp_path):
         for part in ("geneval", "segmentation"):
             png = m["splits"]["test"][part]["samples"]
             shutil.copy(os.path.join(run.workdir, "eval", png), d / "eval" / png)
+        with open(d / "metrics.jsonl", "w") as f:  # as the train loop logs it
+            for step in (10, 20, 30):
+                f.write(json.dumps({"step": step, "train/loss": 5.0 - step / 10 - i,
+                                    "train/loss/understanding": 2.0 - step / 30}) + "\n")
         dirs[name] = str(d)
     out = tmp_path / "report.md"
     md = report.write_report(dirs, str(out))
@@ -196,7 +200,8 @@ def test_report_with_plots(tiny, tmp_path):
     assert "20.0" in rows[0]
     delta = [line for line in md.splitlines() if line.startswith("| Δ +SFT+SGT − +SFT |")]
     assert len(delta) == 2 and "+10.0" in delta[0]  # test and held-out tables
-    for png in ("report_probes.png", "report_attention.png"):
+    assert [r["train/loss"] for r in report.read_train_history(dirs["+SFT"])] == [3.0, 2.0, 1.0]
+    for png in ("report_probes.png", "report_attention.png", "report_losses.png"):
         assert (tmp_path / png).stat().st_size > 1000
         assert f"({png})" in md
     assert "| +SFT | ![+SFT geneval](r1/eval/geneval_test.png) | ![+SFT segmentation](r1/eval/segmentation_test.png) |" in md

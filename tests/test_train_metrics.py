@@ -1,5 +1,6 @@
 """Metrics: TensorBoard event files + profile window from a real run, and the MFU arithmetic."""
 import glob
+import json
 import os
 
 import jax
@@ -53,6 +54,11 @@ def test_run_writes_tensorboard_and_profile(tmp_path):
     acc.Reload()
     tags = set(acc.Tags().get("tensors", [])) | set(acc.Tags().get("scalars", []))
     assert {"train/loss", "perf/mfu", "eval/mse"} <= tags, tags
+    # The same scalars as JSON lines, for reports that must not import TensorFlow.
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6]
+    assert any("eval/mse" in r for r in rows)
 
 
 def test_training_core_imports_without_tensorflow():

@@ -10,6 +10,7 @@ over seeds for the proxy ablation (configs/ablation_shapes.py).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -117,6 +118,40 @@ def plot_probes(metrics: Mapping[str, Mapping[str, Any]], path: str) -> str | No
     return path
 
 
+def read_train_history(workdir: str) -> list[dict]:
+    """The run's logged training scalars (WORKDIR/metrics.jsonl, written by the train loop)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(runs: Mapping[str, str], path: str) -> str | None:
+    """Training loss curves: total loss and the per-task losses of every run that logged them."""
+    histories = {name: read_train_history(d) for name, d in runs.items()}
+    histories = {n: h for n, h in histories.items() if any("train/loss" in r for r in h)}
+    if not histories:
+        return None
+    keys = ["train/loss"] + sorted({k for h in histories.values() for r in h for k in r
+                                    if k.startswith("train/loss/")})
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.0 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for name, h in histories.items():
+            pts = [(r["step"], r[key]) for r in h if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=name)
+        ax.set_title(key.removeprefix("train/"))
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_attention(metrics: Mapping[str, Mapping[str, Any]], path: str) -> str | None:
     """Left: share of attention from the last question tokens to the image, per layer. Right panels:
     share of the prompt attention that code positions give to each word kind, per layer."""
@@ -211,6 +246,7 @@ def report_markdown(runs: Mapping[str, str], out_dir: str, prefix: str = "report
     os.makedirs(out_dir, exist_ok=True)
     pngs = [p for p in (plot_probes(metrics, os.path.join(out_dir, f"{prefix}_probes.png")),
                         plot_attention(metrics, os.path.join(out_dir, f"{prefix}_attention.png"))) if p]
+    losses = plot_losses(runs, os.path.join(out_dir, f"{prefix}_losses.png"))
     md = ["## Results on Shapes World (test split)", "", comparison_table(metrics, "test"), ""]
     splits = {s for m in metrics.values() for s in (m.get("splits") or {})}
     if "heldout" in splits:
@@ -220,6 +256,9 @@ def report_markdown(runs: Mapping[str, str], out_dir: str, prefix: str = "report
     if pngs:
         md += ["## Linear probes and attention", ""] + _best_layer_lines(metrics) + [""]
         md += [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})" for p in pngs] + [""]
+    if losses:
+        md += ["## Training losses", "", f"![losses]({os.path.relpath(losses, out_dir)})", ""]
+        pngs.append(losses)
     samples = []
     for name, m in metrics.items():
         res = (m.get("splits") or {}).get("test") or {}

@@ -226,11 +226,21 @@ def quiet_library_logs() -> None:
     logging.getLogger("sgt_jax").setLevel(logging.INFO)
 
 
+def _log_to_file(workdir: str) -> None:
+    """Also write every log line to WORKDIR/train.log (appending across resumes)."""
+    os.makedirs(workdir, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(workdir, "train.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s] %(message)s"))
+    handler.addFilter(_DropLibraryChatter())
+    logging.getLogger().addHandler(handler)
+
+
 def run(cfg, workdir: str, *, stage=None) -> int:
     """Command-line entry (tools/train.py): distributed init, validation, train. Returns an exit code."""
     from sgt_jax.config import ConfigError
     from sgt_jax.train import distributed
     quiet_library_logs()
+    _log_to_file(workdir)
     try:
         validate(cfg)  # schema and single-field checks before touching any device
     except ConfigError as e:

@@ -6,6 +6,7 @@ clu's writers import TensorFlow, so they are imported here lazily (only when a l
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -17,6 +18,7 @@ import numpy as np
 from sgt_jax.train import flops as flops_lib
 
 log = logging.getLogger(__name__)
+METRICS_JSONL = "metrics.jsonl"  # per-run scalar history next to the TensorBoard events
 
 # Summed (not averaged) over the steps between two log lines.
 _SUMMED = ("skipped",)
@@ -134,12 +136,20 @@ class TrainLogger:
         self._t_last, self._steps_since = now, 0
         if self.primary:
             self.writer.write_scalars(step, scalars)
+            self._append_jsonl(step, scalars)
         self.history.append((step, scalars))
         return scalars
+
+    def _append_jsonl(self, step: int, scalars: dict[str, float]) -> None:
+        """WORKDIR/metrics.jsonl: one line per log step, readable without TensorFlow (reports, plots)."""
+        row = {"step": int(step), **{k: (None if v != v else float(v)) for k, v in scalars.items()}}
+        with open(os.path.join(self.workdir, METRICS_JSONL), "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def write_eval(self, step: int, metrics: dict[str, float]) -> None:
         if self.primary and metrics:  # both writers also log a readable line
             self.writer.write_scalars(step, {k: float(v) for k, v in metrics.items()})
+            self._append_jsonl(step, {k: float(v) for k, v in metrics.items()})
 
     def _maybe_profile(self, step: int) -> None:
         if self.profile_start < 0:
