@@ -240,7 +240,6 @@ def run(cfg, workdir: str, *, stage=None) -> int:
     from sgt_jax.config import ConfigError
     from sgt_jax.train import distributed
     quiet_library_logs()
-    _log_to_file(workdir)
     try:
         validate(cfg)  # schema and single-field checks before touching any device
     except ConfigError as e:
@@ -252,6 +251,8 @@ def run(cfg, workdir: str, *, stage=None) -> int:
     except ConfigError as e:
         log.error("invalid config: %s", e)
         return 2
+    if jax.process_index() == 0:  # only now: a rejected config leaves no files behind
+        _log_to_file(workdir)
     try:
         result = train(cfg, workdir, stage=stage)
     except TrainingDiverged as e:
