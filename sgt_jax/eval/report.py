@@ -94,6 +94,17 @@ def _pyplot():
     return plt
 
 
+def _save(fig, legend_ax, path: str) -> str:
+    """Legend on the first panel, tight layout, PNG at `path`; frees the figure."""
+    import matplotlib.pyplot as plt
+
+    legend_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_probes(metrics: Mapping[str, Mapping[str, Any]], path: str) -> str | None:
     """Probe test accuracy per layer, one panel per target, one line per run."""
     have = {n: m["probes"] for n, m in metrics.items() if m.get("probes")}
@@ -111,11 +122,7 @@ def plot_probes(metrics: Mapping[str, Mapping[str, Any]], path: str) -> str | No
         ax.set_title(f"linear probe: {t}")
         ax.set_ylabel("held-out accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, axes[0][0], path)
 
 
 def read_train_history(workdir: str) -> list[dict]:
@@ -145,11 +152,7 @@ def plot_losses(runs: Mapping[str, str], path: str) -> str | None:
         ax.set_title(key.removeprefix("train/"))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, axes[0][0], path)
 
 
 def plot_attention(metrics: Mapping[str, Mapping[str, Any]], path: str) -> str | None:
@@ -172,7 +175,6 @@ def plot_attention(metrics: Mapping[str, Mapping[str, Any]], path: str) -> str |
     ax.set_xlabel("LLM layer")
     ax.set_ylabel("attention share (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     for ax, kind in zip(axes[0][1:], kinds, strict=True):
         for name, a in have.items():
             g = a["generation"]
@@ -181,10 +183,7 @@ def plot_attention(metrics: Mapping[str, Mapping[str, Any]], path: str) -> str |
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("LLM layer")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, axes[0][0], path)
 
 
 # ---------------------------------------------------------------------------------------------
