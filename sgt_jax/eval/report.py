@@ -145,10 +145,10 @@ def plot_losses(runs: Mapping[str, str], path: str) -> str | None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.0 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        for name, h in histories.items():
+        for i, (name, h) in enumerate(histories.items()):  # one colour per run across panels
             pts = [(r["step"], r[key]) for r in h if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts, strict=True), label=name)
+                ax.plot(*zip(*pts, strict=True), label=name, color=f"C{i}")
         ax.set_title(key.removeprefix("train/"))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
