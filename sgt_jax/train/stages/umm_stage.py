@@ -177,11 +177,15 @@ class UMMStage(BaseStage):
         return None
 
     def make_iterator(self, split: str, *, process_index: int, process_count: int, seed: int, **_):
-        """The shared grain pipeline over `record_source(split)` with this stage's task transforms."""
-        from sgt_jax.data import pipeline
+        """The shared grain pipeline over `record_source(split)` with this stage's task transforms;
+        the Shapes World dataset and tokenizer are built on first use, as the VQ stage does."""
+        from sgt_jax.data import datasets, pipeline
 
+        sources = self.record_source(split)
+        if sources is None:
+            datasets.ensure_dataset(self.cfg)
         return pipeline.make_iterator(self.cfg, split, self.example_transform(split), process_index=process_index,
-                                      process_count=process_count, seed=seed, sources=self.record_source(split))
+                                      process_count=process_count, seed=seed, sources=sources)
 
     def example_transform(self, split: str):
         """Task -> transform for the grain mixture (`cfg.data.mixture` names the tasks)."""
