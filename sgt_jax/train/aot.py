@@ -21,9 +21,9 @@ GiB = 1024 ** 3
 
 # HBM per chip, GiB (Cloud TPU docs: https://cloud.google.com/tpu/docs/v5p "HBM capacity per chip
 # (GiB) 95"; https://cloud.google.com/tpu/docs/v5e 16 GiB; https://cloud.google.com/tpu/docs/v6e 32 GiB;
-# https://cloud.google.com/tpu/docs/v4 32 GiB).
-HBM_GIB = {"v5p": 95.0, "v5e": 16.0, "v6e": 32.0, "v4": 32.0}
-_TOPOLOGY = re.compile(r"^(v4|v5p|v5e|v6e):(\d+(?:x\d+){1,2})$")
+#  v4 is left out: its topology names count TensorCores, not chips).
+HBM_GIB = {"v5p": 95.0, "v5e": 16.0, "v6e": 32.0}
+_TOPOLOGY = re.compile(r"^(v5p|v5e|v6e):(\d+(?:x\d+){1,2})$")
 
 
 def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
