@@ -101,7 +101,7 @@ def topology_main(specs, overrides) -> int:
     try:
         devices = aot.topology_devices(_TOPOLOGY.value)
     except ValueError as e:
-        raise app.UsageError(str(e), exitcode=2)
+        raise app.UsageError(str(e), exitcode=2) from None
     n = len(devices)
     hbm = int(_HBM.value * aot.GiB) if _HBM.present else aot.hbm_bytes(_TOPOLOGY.value)
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
@@ -208,7 +208,7 @@ def main(argv):
         try:
             aot.parse_topology(_TOPOLOGY.value)
         except ValueError as e:
-            raise app.UsageError(str(e), exitcode=2)
+            raise app.UsageError(str(e), exitcode=2) from None
 
         overrides = []
         for s in _SET.value:
