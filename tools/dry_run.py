@@ -154,9 +154,9 @@ def topology_main(specs, overrides) -> int:
                 [("TPU compiler", g(m["argument"]), g(m["output"]), g(m["alias"]), g(m["temp"]),
                   g(m["generated_code"]), g(m["peak"]), g(hbm), f"{100 * rep['headroom']:.1f}%")]),
             f"-> {'FITS' if rep['fits'] else 'DOES NOT FIT'} ({g(m['peak'])} of {g(hbm)} GiB per chip)",
-            f"FLOPs per step per chip: compiled {st.flops_per_chip:.4g} (cost_analysis, includes remat recompute) vs "
-            f"analytic {analytic:.4g} (stage.flops_per_example x batch / chips) = "
-            f"{st.flops_per_chip / analytic if analytic else float('nan'):.2f}x",
+            f"FLOPs per step per chip: compiled {st.flops_per_chip:.4g} (cost_analysis: includes remat recompute, but "
+            f"counts a while loop's body once, so scanned layers count as one layer) vs analytic {analytic:.4g} "
+            f"(stage.flops_per_example x batch / chips) = {st.flops_per_chip / analytic if analytic else float('nan'):.2f}x",
             f"time: build {build_s:.1f}s, lower {st.lower_s:.1f}s, compile {st.compile_s:.1f}s on {os.cpu_count()} CPUs, "
             f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start",
         ])
