@@ -158,15 +158,18 @@ def test_keep_latest_and_best(tmp_path):
     accs = {1: 0.9, 2: 0.1, 3: 0.2, 4: 0.3, 5: 0.15}
     for s, acc in accs.items():
         ck.save(s, setup.state.replace(step=setup.state.step + s), metrics={"eval/acc": acc})
+        ck.confirm(s)  # the loop confirms a step once a finite update followed it
     ck.wait()
-    # Latest two (4, 5) plus best two by accuracy (1: 0.9, 4: 0.3).
-    assert ck.all_steps() == [1, 4, 5]
+    # Latest two confirmed (3, 4) plus best two by accuracy (1: 0.9, 4: 0.3), plus 5, which was not yet
+    # confirmed when the manager pruned at its save (a newest step never prunes a confirmed one).
+    assert ck.all_steps() == [1, 3, 4, 5]
     assert ck.best_step() == 1
     ck.close()
 
     ck = ckpt_lib.Checkpointer(str(tmp_path / "min"), keep=1, best_metric="loss", best_mode="min")
     for s, loss in {1: 0.5, 2: 0.1, 3: 0.7}.items():
         ck.save(s, setup.state, metrics={"loss": loss})
+        ck.confirm(s)
     ck.wait()
     assert ck.all_steps() == [2, 3]
     ck.close()
