@@ -169,7 +169,7 @@ class _ConfirmedOnly:
 def _bad_json_files(step_dir: epath.Path) -> list[str]:
     """JSON files under a step directory that do not parse (to name them in errors)."""
     bad = []
-    for f in sorted(step_dir.rglob("*")):
+    for f in sorted([*step_dir.glob("*"), *step_dir.glob("*/*")]):  # JSON lives at most one level down
         if f.is_file() and (f.suffix == ".json" or f.name in ("_METADATA", "_CHECKPOINT_METADATA", "metadata",
                                                              "_sharding")):
             try:
