@@ -111,3 +111,61 @@ def test_checksum_detects_a_changed_value_and_names_the_array(tmp_path):
     other = state_lib.setup_state(stage, cfg, mesh_lib.make_mesh((2, 2, 2)), jax.random.key(0),
                                   stage.dummy_batch(16))
     assert ckpt_lib.state_integrity(other.state.to_tree())["checksums"] == a["checksums"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. divergence: no non-finite update is applied, saves pause, the stop names a finite checkpoint
+# ---------------------------------------------------------------------------------------------
+def test_lr_1e30_stops_with_a_finite_checkpoint_and_a_sane_resume_trains(tmp_path):
+    wd = tmp_path / "run"
+    sane = toy_config(tensorboard=False)
+    sane.train.steps, sane.checkpoint.every_steps = 4, 2
+    train(sane, str(wd), stage=ToyStage(sane))
+
+    out = _toy_main(wd, "--config.optim.lr=1e30", "--config.train.log_every=1", config_arg="steps=40,every=2")
+    text = out.stdout + out.stderr
+    assert out.returncode == 3, text[-3000:]
+    assert "The newest finite checkpoint is step 4" in text
+    assert "checkpoint paused" in text  # no save during the skip streak
+    for step_dir in sorted(p for p in (wd / "checkpoints").iterdir() if p.name.isdigit()):
+        state, _, _ = _restore(wd / "checkpoints", step=int(step_dir.name))
+        assert _finite_tree(state.params) and _finite_tree(state.opt_state), step_dir
+        assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(state.params)) < 1e3, step_dir
+
+    resumed = toy_config(tensorboard=False)
+    resumed.train.steps = 12
+    res = train(resumed, str(wd), stage=ToyStage(resumed))
+    assert res.resumed_from == 4 and res.step == 12
+    assert res.metrics["train/total_skips"] == 0 and np.isfinite(res.metrics["train/loss"])
+
+
+def test_lr_1e30_from_scratch_leaves_no_garbage_checkpoint(tmp_path):
+    out = _toy_main(tmp_path, "--config.optim.lr=1e30", config_arg="steps=40,every=2")
+    text = out.stdout + out.stderr
+    assert out.returncode == 3, text[-3000:]
+    # Step 2 took the first full-lr update (finite, ~1e30) and was saved; nothing finite followed it.
+    assert "Checkpoint step(s) [2] were followed only by non-finite steps" in text
+    assert "No finite checkpoint is left" in text
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert [p.name.split("-")[0] for p in (tmp_path / ckpt_lib.REJECTED_DIR).iterdir()] == ["2"]
+
+
+def test_a_non_finite_update_is_never_applied():
+    """The guard judges the result (params, optimizer state), not only loss and gradients."""
+    from sgt_jax.train import step as step_lib
+    cfg = toy_config(tensorboard=False)
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule = 1e39, 0, "constant"  # above float32's max
+    stage = ToyStage(cfg)
+    mesh = mesh_lib.make_mesh((-1, 1, 1))
+    setup = state_lib.setup_state(stage, cfg, mesh, jax.random.key(0), stage.dummy_batch(16))
+    fn = jax.jit(step_lib.make_train_step(stage, cfg, setup.tx, setup.labels, mesh))
+    batch = jax.tree.map(lambda x: np.asarray(x), next(stage.make_iterator(
+        "train", global_batch_size=16, process_index=0, process_count=1, seed=0)))
+    before = jax.device_get(setup.state.params)
+    with jax.set_mesh(mesh):
+        new, metrics = fn(setup.state, batch, jax.random.key(1))
+    # loss and gradients are finite, but the update (lr = inf in float32) is not.
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert float(metrics["skipped"]) == 1.0 and int(new.consecutive_skips) == 1
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(new.params)), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()

@@ -95,9 +95,12 @@ def current_lr(opt_state: PyTree) -> jax.Array:
     return jnp.asarray(found[0] if found else 0.0, jnp.float32)
 
 
+_INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
 def _hyperparams(tree: PyTree) -> list[dict]:
-    states = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, optax.InjectHyperparamsState))
-    return [s.hyperparams for s in states if isinstance(s, optax.InjectHyperparamsState)]
+    states = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, _INJECT_STATES))
+    return [s.hyperparams for s in states if isinstance(s, _INJECT_STATES)]
 
 
 def apply_updates(params: PyTree, updates: PyTree, labels: PyTree) -> PyTree:
