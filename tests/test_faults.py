@@ -169,3 +169,113 @@ def test_a_non_finite_update_is_never_applied():
     assert float(metrics["skipped"]) == 1.0 and int(new.consecutive_skips) == 1
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(new.params)), strict=True):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. one run per workdir
+# ---------------------------------------------------------------------------------------------
+def test_second_run_on_a_locked_workdir_exits_2_and_writes_nothing(tmp_path):
+    wd = tmp_path / "run"
+    lock = workdir_lock.acquire(str(wd))  # this process is "the first run"
+    try:
+        out = _toy_main(wd)
+    finally:
+        lock.release()
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text[-3000:]
+    assert f"another run holds this workdir ({os.uname().nodename}, pid {os.getpid()})" in text
+    assert sorted(os.listdir(wd)) == [".lock"]  # no train.log, no checkpoints/, no metrics rows
+
+
+def test_a_stale_lock_of_a_dead_pid_is_reclaimed(tmp_path):
+    wd = tmp_path / "run"
+    wd.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # An orphan still holds the flock (it inherited the descriptor) but the pid in the file is dead.
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               f"f = open({str(wd / '.lock')!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (wd / ".lock").write_text(f"{os.uname().nodename} {dead.pid}\n")
+        lock = workdir_lock.acquire(str(wd))
+        assert (wd / ".lock").read_text().split() == [os.uname().nodename, str(os.getpid())]
+        lock.release()
+        # A live holder is not reclaimed.
+        (wd / ".lock").unlink()
+        holder.kill()
+        holder.wait()
+        holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, time\n"
+                                   f"f = open({str(wd / '.lock')!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                                   "f.write(os.uname().nodename + ' ' + str(os.getpid())); f.flush()\n"
+                                   "print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(workdir_lock.WorkdirLocked, match=f"pid {holder.pid}"):
+            workdir_lock.acquire(str(wd))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. replayed steps are not logged twice
+# ---------------------------------------------------------------------------------------------
+def test_metrics_rows_are_not_duplicated_after_a_resume(tmp_path):
+    wd = tmp_path / "run"
+    cfg = toy_config(tensorboard=False, log_every=1)
+    cfg.train.steps = 6  # checkpoints at 4 and (final) 6
+    train(cfg, str(wd), stage=ToyStage(cfg))
+    shutil.rmtree(wd / "checkpoints" / "6")  # as if killed before the last save: 5 and 6 replay
+    cfg.train.steps = 8
+    train(cfg, str(wd), stage=ToyStage(cfg))
+    rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if "train/loss" in r]
+    assert train_steps == list(range(1, 9))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. errors that name the problem
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("victim", ["state/_METADATA", "data/process_0-of-1.json", "metadata/metadata"])
+def test_corrupt_json_names_the_file_and_falls_back(tmp_path, caplog, victim):
+    wd = tmp_path / "run"
+    cfg = toy_config(tensorboard=False)
+    train(cfg, str(wd), stage=ToyStage(cfg))  # checkpoints 4 and 8
+    bad = wd / "checkpoints" / "8" / victim
+    bad.write_text(bad.read_text()[: len(bad.read_text()) // 2])  # cut mid-write
+    with caplog.at_level(logging.WARNING):
+        res = train(cfg, str(wd), stage=ToyStage(cfg))
+    assert res.resumed_from == 4 and res.step == 8
+    assert str(bad) in caplog.text and "fell back to checkpoint step 4" in caplog.text
+
+
+def test_corrupt_json_of_the_only_checkpoint_exits_2_naming_it(tmp_path):
+    wd = tmp_path / "run"
+    assert _toy_main(wd, config_arg="steps=4,every=4").returncode == 0
+    bad = wd / "checkpoints" / "4" / "state" / "_METADATA"
+    bad.write_text("{not json")
+    out = _toy_main(wd, config_arg="steps=8,every=4")
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text[-3000:]
+    assert "cannot resume" in text and str(bad) in text and "no step verifies" in text
+    assert "JSONDecodeError" in text and "Traceback" not in text
+
+
+def test_resume_with_another_model_shape_names_paths_and_fields(tmp_path, monkeypatch):
+    import train_toy_stage
+    wd = tmp_path / "run"
+    cfg = toy_config(tensorboard=False)
+    cfg.train.steps = 4
+    train(cfg, str(wd), stage=ToyStage(cfg))
+    monkeypatch.setattr(train_toy_stage, "HIDDEN", 48)  # the toy model reads its width at trace time
+    wider = toy_config(tensorboard=False)
+    wider.train.steps = 8
+    wider.model.vq.width = 48  # the config field a real stage would read
+    with pytest.raises(ckpt_lib.CheckpointMismatch) as e:
+        train(wider, str(wd), stage=ToyStage(wider))
+    msg = str(e.value)
+    assert "params/hidden/kernel: checkpoint (8, 32) vs model (8, 48)" in msg
+    assert "config fields that differ from the run's: model.vq.width=128 -> 48" in msg
+    assert "strict" not in msg
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["4"]  # nothing moved or pruned

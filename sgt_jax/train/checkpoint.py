@@ -341,10 +341,14 @@ class Checkpointer:
         diffs += [f"{k}: in the checkpoint only" for k in have if k not in want]
         if not diffs:
             return
+        # Optimizer moments and EMA mirror the params: name the params when they differ.
+        params_first = [d for d in diffs if d.startswith("params/")] or diffs
+        n_all = len(diffs)
+        diffs = params_first
         fields = _config_diff(meta.get("config"), self._current_config)
         raise CheckpointMismatch(
             f"checkpoint {self.directory / str(step)} was written for a different model: "
-            f"{'; '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''} ({len(diffs)} param/state path(s) differ)"
+            f"{'; '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''} ({n_all} state path(s) differ in all)"
             + (f"; config fields that differ from the run's: {', '.join(fields[:12])}" if fields else "")
             + ". Use a new --workdir, or start from it with init_from.path.")
 
