@@ -476,6 +476,29 @@ class PreemptionWatcher:
 # ---------------------------------------------------------------------------------------------
 # init_from: load parameters written by another stage
 # ---------------------------------------------------------------------------------------------
+class RunDirError(ValueError):
+    """A --workdir that holds no run (a user error: tools exit 2)."""
+
+
+def check_run_dir(workdir: str, step: int = -1, *, flag: str = "--workdir") -> epath.Path:
+    """The step directory a tool should read from `workdir`, or a RunDirError naming the flag:
+    the directory is missing, holds no checkpoint (no run there), or lacks the asked step."""
+    p = epath.Path(workdir).absolute()
+    if not p.exists():
+        raise RunDirError(f"{flag}={workdir!r}: directory does not exist")
+    if not p.is_dir():
+        raise RunDirError(f"{flag}={workdir!r}: not a directory")
+    root = p / "checkpoints"
+    steps = sorted(int(d.name) for d in root.iterdir() if d.is_dir() and d.name.isdigit()
+                   and (d / STATE).exists()) if root.exists() else []
+    if not steps:
+        raise RunDirError(f"{flag}={workdir!r}: there is no run there (no checkpoints/<step>/{STATE} under it); "
+                          f"train one with tools/train.py --workdir={workdir}")
+    if step >= 0 and step not in steps:
+        raise RunDirError(f"--step={step}: not in {workdir!r}; available steps: {steps}")
+    return root / str(steps[-1] if step < 0 else step)
+
+
 def resolve_step_dir(path: str, step: int = -1) -> epath.Path:
     """A workdir, a checkpoints root or a step directory -> the step directory to read."""
     p = epath.Path(path).absolute()  # orbax metadata reads come back empty for relative paths
@@ -583,7 +606,11 @@ def read_metadata(path: str, step: int = -1) -> dict:
     step_dir = resolve_step_dir(path, step)
     f = step_dir / META / "metadata"
     if f.exists():
-        return json.loads(f.read_text())
+        try:
+            return json.loads(f.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointCorrupt(int(step_dir.name) if step_dir.name.isdigit() else -1, META, str(f),
+                                    _first_line(e)) from e
     for cand in (step_dir / META).iterdir():
         if cand.is_file():
             try:
