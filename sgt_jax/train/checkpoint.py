@@ -188,8 +188,11 @@ class Checkpointer:
     """Thin policy layer over `ocp.CheckpointManager` for the training loop."""
 
     def __init__(self, directory: str, *, keep: int = 3, best_metric: str = "", best_mode: str = "max",
-                 async_save: bool = True, read_only: bool = False):
+                 async_save: bool = True, read_only: bool = False, verify: bool = True):
+        """`verify=False` skips the checksum record at save and its check at restore (for measuring
+        its cost with tools/bench_checkpoint.py; training always verifies)."""
         self.directory = epath.Path(directory).absolute()  # orbax needs absolute paths
+        self.verify = verify
         self.best_metric, self.best_mode = best_metric, best_mode
         self.read_only = read_only
         self.unconfirmed: set[int] = set()
@@ -244,8 +247,8 @@ class Checkpointer:
         something to fall back from)."""
         _, save_cls, _ = _grain_handler()
         tree = state.to_tree()
-        integrity = state_integrity(tree)
-        bad = [k for k, ok in integrity["finite"].items() if not ok]
+        integrity = state_integrity(tree) if self.verify else None
+        bad = [k for k, ok in integrity["finite"].items() if not ok] if integrity else []
         if bad:
             log.error("not saving step %d: %s hold non-finite values; newest good checkpoint: %s", step,
                       " and ".join(bad), self.newest_confirmed())
@@ -253,7 +256,8 @@ class Checkpointer:
         meta = {"step": int(step), "time": time.time(), "versions": versions(),
                 "process_count": jax.process_count(), "device_count": jax.device_count()}
         meta.update(metadata or {})
-        meta[INTEGRITY] = integrity
+        if integrity is not None:
+            meta[INTEGRITY] = integrity
         items = {STATE: ocp.args.StandardSave(tree), META: ocp.args.JsonSave(meta)}
         if data_iter is not None:
             items[DATA] = save_cls(data_iter)
@@ -378,7 +382,9 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             raise CheckpointCorrupt(step, STATE, self._json_culprit(step, STATE), _first_line(e)) from e
         record = meta.get(INTEGRITY)
-        if record is None:
+        if not self.verify:
+            pass
+        elif record is None:
             log.warning("checkpoint step %d has no checksums (written before verification existed): "
                         "restored unverified", step)
         else:
