@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as cm
@@ -369,18 +370,25 @@ class Checkpointer:
     def _restore_verified(self, abstract_state: TrainState, step: int, data_iter=None
                           ) -> tuple[TrainState, dict, int]:
         step_dir = self.directory / str(step)
-        try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
-            meta = dict(meta or {})
-        except Exception as e:  # noqa: BLE001 - any read error makes the step unusable
-            raise CheckpointCorrupt(step, META, self._json_culprit(step, META), _first_line(e)) from e
         abstract_tree = abstract_state.to_tree()
+
+        def read_meta():
+            try:
+                meta = self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+            except Exception as e:  # noqa: BLE001 - any read error makes the step unusable
+                raise CheckpointCorrupt(step, META, self._json_culprit(step, META), _first_line(e)) from e
+            return dict(meta or {})
+
+        def read_state():
+            try:
+                return self.manager.restore(step, args=ocp.args.Composite(
+                    **{STATE: ocp.args.StandardRestore(abstract_tree)}))[STATE]
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointCorrupt(step, STATE, self._json_culprit(step, STATE), _first_line(e)) from e
+
+        meta = _on_all_processes(step, META, read_meta)
         self._check_shapes(step, abstract_tree, meta)
-        try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                **{STATE: ocp.args.StandardRestore(abstract_tree)}))[STATE]
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointCorrupt(step, STATE, self._json_culprit(step, STATE), _first_line(e)) from e
+        out = _on_all_processes(step, STATE, read_state)  # before the checksum, which is a collective
         record = meta.get(INTEGRITY)
         if not self.verify:
             pass
@@ -400,7 +408,7 @@ class Checkpointer:
                 raise CheckpointCorrupt(step, STATE, str(step_dir / STATE),
                                         f"non-finite values in {', '.join(nonfinite)}")
         if data_iter is not None:
-            self._restore_data(step, data_iter)
+            _on_all_processes(step, DATA, lambda: self._restore_data(step, data_iter))
         self.unconfirmed.add(int(step))  # confirmed again by the first finite update after resuming
         return TrainState.from_tree(out), meta, int(step)
 
@@ -421,6 +429,25 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _on_all_processes(step: int, item: str, read):
+    """Run a local read; every process fails the step if any process could not read its part
+    (so all fall back together and the next collective does not hang)."""
+    err, out = None, None
+    try:
+        out = read()
+    except CheckpointCorrupt as e:
+        err = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        failed = np.asarray(multihost_utils.process_allgather(np.int32(err is not None)))
+        if err is None and failed.any():
+            raise CheckpointCorrupt(step, item, f"process(es) {np.flatnonzero(failed).tolist()}",
+                                    "could not be read there (see that process's log)")
+    if err is not None:
+        raise err
+    return out
 
 
 def _config_diff(saved_json: str | None, cfg) -> list[str]:
