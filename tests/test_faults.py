@@ -279,3 +279,17 @@ def test_resume_with_another_model_shape_names_paths_and_fields(tmp_path, monkey
     assert "config fields that differ from the run's: model.vq.width=128 -> 48" in msg
     assert "strict" not in msg
     assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["4"]  # nothing moved or pruned
+
+
+def test_resuming_a_good_checkpoint_with_a_broken_lr_keeps_it(tmp_path):
+    from sgt_jax.train.loop import TrainingDiverged
+    wd = tmp_path / "run"
+    cfg = toy_config(tensorboard=False)
+    cfg.train.steps = 4
+    train(cfg, str(wd), stage=ToyStage(cfg))
+    broken = toy_config(tensorboard=False, max_consecutive_skips=3)
+    broken.train.steps, broken.optim.lr = 20, 1e39  # every update is inf: none is ever applied
+    with pytest.raises(TrainingDiverged, match="newest finite checkpoint is step 4"):
+        train(broken, str(wd), stage=ToyStage(broken))
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["4"]
+    assert not (wd / ckpt_lib.REJECTED_DIR).exists()

@@ -409,7 +409,8 @@ class Checkpointer:
                                         f"non-finite values in {', '.join(nonfinite)}")
         if data_iter is not None:
             _on_all_processes(step, DATA, lambda: self._restore_data(step, data_iter))
-        self.unconfirmed.add(int(step))  # confirmed again by the first finite update after resuming
+        # A verified step stays confirmed: if the resumed run diverges at once, its new settings (lr,
+        # data) are the likelier cause, and the step must remain to resume from.
         return TrainState.from_tree(out), meta, int(step)
 
     def _restore_data(self, step: int, data_iter) -> None:
