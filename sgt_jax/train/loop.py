@@ -98,6 +98,25 @@ def _agree(flag: bool, step: int, every: int = 10) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
+def _lock_workdir(workdir: str):
+    """Process 0 takes the workdir lock; every process raises WorkdirLocked if it failed (so the
+    others do not wait at the next collective for a process that is exiting)."""
+    lock, err = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = workdir_lock.acquire(workdir)
+        except workdir_lock.WorkdirLocked as e:
+            err = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        failed = bool(np.any(multihost_utils.process_allgather(np.int32(err is not None))))
+        if failed and err is None:
+            err = workdir_lock.WorkdirLocked(f"process 0 could not lock {workdir}: another run holds it")
+    if err is not None:
+        raise err
+    return lock
+
+
 def _metadata(cfg, mesh, stage_name: str) -> dict:
     return {"config": cfg.to_json_best_effort(), "stage": stage_name,
             "mesh_shape": dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape), strict=True))}
@@ -122,7 +141,7 @@ def train(cfg, workdir: str, *, stage=None, max_steps: int | None = None) -> Tra
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
 
     # One run per workdir: taken on process 0 before anything is written (re-entrant with run()).
-    lock = workdir_lock.acquire(workdir) if jax.process_index() == 0 else None
+    lock = _lock_workdir(workdir)
     try:
         return _train_locked(cfg, workdir, stage, mesh, rules, total_steps, stop_at, global_batch, base_key,
                              t_begin)
@@ -292,8 +311,8 @@ def run(cfg, workdir: str, *, stage=None) -> int:
         return 2
     lock = None
     try:
-        if jax.process_index() == 0:  # only now: a rejected config leaves no files behind
-            lock = workdir_lock.acquire(workdir)  # before the first write: train.log
+        lock = _lock_workdir(workdir)  # before the first write (train.log); a rejected config wrote nothing
+        if jax.process_index() == 0:
             _log_to_file(workdir)
         result = train(cfg, workdir, stage=stage)
     except TrainingDiverged as e:
