@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as cm
 
+from sgt_jax.train.optim import path_str
 from sgt_jax.train.state import TrainState
 
 PyTree = Any
@@ -139,14 +140,9 @@ def _integrity_arrays(tree: dict) -> tuple[list, dict]:
 def state_integrity(tree: dict) -> dict:
     """{"algorithm", "checksums": {path: int}, "finite": {part: bool}} of a state tree (global arrays)."""
     sums, finite = jax.device_get(_integrity_arrays(tree))
-    paths = [_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     return {"algorithm": CHECKSUM_ALGORITHM, "checksums": {p: int(s) for p, s in zip(paths, sums, strict=True)},
             "finite": {k: bool(v) for k, v in finite.items()}}
-
-
-def _path(path) -> str:
-    from sgt_jax.train.optim import path_str
-    return path_str(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,8 +334,8 @@ class Checkpointer:
         saved_tree = getattr(saved, "tree", saved)
         if not isinstance(saved_tree, dict):
             return
-        want = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]}
-        have = {_path(p): tuple(getattr(x, "shape", ()) or ())
+        want = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]}
+        have = {path_str(p): tuple(getattr(x, "shape", ()) or ())
                 for p, x in jax.tree_util.tree_flatten_with_path(saved_tree)[0]}
         diffs = [f"{k}: checkpoint {have[k]} vs model {want[k]}" for k in want if k in have and have[k] != want[k]]
         diffs += [f"{k}: not in the checkpoint" for k in want if k not in have]
@@ -567,7 +563,6 @@ def parse_mapping(mapping: str) -> list[tuple[str, str]]:
 
 
 def _flat(tree: PyTree) -> dict[str, Any]:
-    from sgt_jax.train.optim import path_str
     return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
