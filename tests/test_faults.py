@@ -295,3 +295,26 @@ def test_resuming_a_good_checkpoint_with_a_broken_lr_keeps_it(tmp_path):
         train(broken, str(wd), stage=ToyStage(broken))
     assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["4"]
     assert not (wd / ckpt_lib.REJECTED_DIR).exists()
+
+
+def test_unconfirmed_newest_steps_never_prune_a_confirmed_one(tmp_path):
+    cfg = toy_config(tensorboard=False)
+    stage = ToyStage(cfg)
+    setup = state_lib.setup_state(stage, cfg, mesh_lib.make_mesh((-1, 1, 1)), jax.random.key(0),
+                                  stage.dummy_batch(16))
+    ck = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=1)
+    ck.save(1, setup.state)
+    ck.confirm(1)  # a finite update followed step 1
+    for s in (2, 3):  # nothing finite followed these (a divergence in the making)
+        ck.save(s, setup.state.replace(step=setup.state.step + s))
+    ck.wait()
+    assert ck.all_steps() == [1, 2, 3] and ck.newest_confirmed() == 1
+    assert ck.reject_unconfirmed() == [2, 3]
+    assert ck.all_steps() == [1]
+    ck.close()
+
+
+def test_object_store_workdirs_take_no_lock_and_say_so(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert workdir_lock.acquire("gs://some-bucket/run") is None
+    assert "no workdir lock is taken" in caplog.text
