@@ -83,6 +83,17 @@ def _read_raw(path: Path, name: str) -> np.ndarray:
     return np.array(data).view(dtype).reshape(info["shape"])
 
 
+def stack_layers(layers: list[PyTree]) -> PyTree:
+    """Per-layer trees (HF order) -> one tree with a leading layer axis on every leaf.
+
+    The one place the scanned layout is made: the models run their layers under `nn.scan`
+    (`layers.scanned`), whose parameters are the per-layer ones stacked on axis 0.
+    """
+    if not layers:
+        raise ValueError("no layers to stack")
+    return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
+
+
 def check_tree(converted: PyTree, abstract: PyTree, what: str) -> None:
     """Raise unless `converted` has exactly the paths and shapes of the model's parameter tree."""
     def flat(tree):

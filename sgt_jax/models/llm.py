@@ -9,6 +9,10 @@ The decoder consumes embeddings (the UMM splices ViT and code embeddings into th
 optionally a static, preallocated KV cache: `prefill` writes a whole right-padded prompt, `decode`
 writes one token per row at that row's own length, so rows of different prompt lengths decode
 together inside a `lax` loop.
+
+The layers run under `nn.scan` (one compiled layer body, parameters stacked on a leading
+`layers` axis, the KV cache one [depth, ...] array per k / v), rematerialised by a named policy
+(`layers.REMAT_POLICIES`). Attention takes its mask as lengths / segment ids (`layers.AttnSpec`).
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sgt_jax.models.layers import NEG_INF, DenseGeneral, RMSNorm, constrain, dense_init, dot_attention, init, rope
+from sgt_jax.models.layers import (AttnSpec, DenseGeneral, RMSNorm, check_impl, constrain, dense_init, dot_attention,
+                                   init, rope, scanned, tag)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,32 +44,31 @@ class LLMConfig:
     rms_eps: float = 1e-6
     mot: bool = False
     dtype: str = "float32"  # compute dtype; parameters are always float32
-    remat: bool = False
+    remat: str | bool = "none"  # a layers.REMAT_POLICIES name (True = "full", False = "none")
+    attention: str = "xla"  # layers.ATTENTION_IMPLS: "xla" | "cudnn" | "splash" | "explicit"
 
 
-Cache = dict[str, Any]  # {"layers": tuple({"k", "v"} per layer), "length": int32[B]}
+# {"k", "v": [depth, B, max_len, kv_heads, head_dim] (one stacked array each, as the scanned
+# layers read it), "length": int32[B]}
+Cache = dict[str, Any]
 
 
 def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-    """A zeroed KV cache of static shape [B, max_len, kv_heads, head_dim] per layer."""
+    """A zeroed KV cache of static shape [depth, B, max_len, kv_heads, head_dim] per k / v."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    layers = tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.depth))
-    return {"layers": layers, "length": jnp.zeros((batch,), jnp.int32)}
+    shape = (cfg.depth, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "length": jnp.zeros((batch,), jnp.int32)}
 
 
-def causal_bias(attn_mask: jax.Array) -> jax.Array:
-    """[B, 1, L, L] additive mask: query i sees key j iff j <= i and key j is not padding."""
-    length = attn_mask.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    ok = causal[None] & (attn_mask[:, None, :] > 0)
-    return jnp.where(ok, 0.0, NEG_INF).astype(jnp.float32)[:, None]
+def prompt_spec(attn_mask: jax.Array, segment_ids: jax.Array | None = None) -> AttnSpec:
+    """Causal attention over a right-padded (or, with segment ids, packed) prompt / training row."""
+    lengths = jnp.sum(attn_mask > 0, axis=1).astype(jnp.int32)
+    return AttnSpec(kv_lengths=None if segment_ids is not None else lengths, segment_ids=segment_ids, causal=True)
 
 
-def decode_bias(position: jax.Array, max_len: int) -> jax.Array:
-    """[B, 1, 1, S] additive mask for one decode step at per-row `position`: keys 0..position."""
-    ok = jnp.arange(max_len)[None, :] <= position[:, None]
-    return jnp.where(ok, 0.0, NEG_INF).astype(jnp.float32)[:, None, None]
+def decode_spec(position: jax.Array) -> AttnSpec:
+    """One decode step at per-row `position`: keys 0..position of the cache."""
+    return AttnSpec(kv_lengths=(position + 1).astype(jnp.int32), causal=False)
 
 
 def route(gen: jax.Array | None, text_value: jax.Array, gen_value: jax.Array | None) -> jax.Array:
@@ -101,9 +105,10 @@ class MLP(nn.Module):
             return nn.Dense(features, use_bias=False, dtype=dt, param_dtype=jnp.float32, name=name,
                             kernel_init=init(dense_init(), names))
 
-        h = nn.silu(proj(cfg.mlp_dim, ("embed", "mlp"), "gate")(x)) * proj(cfg.mlp_dim, ("embed", "mlp"), "up")(x)
-        h = constrain(h, ("batch", "length", "mlp"))
-        return proj(cfg.width, ("mlp", "embed"), "down")(h)
+        gate = tag(proj(cfg.mlp_dim, ("embed", "mlp"), "gate")(x), "mlpwi")
+        up = tag(proj(cfg.mlp_dim, ("embed", "mlp"), "up")(x), "mlpwi")
+        h = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return tag(proj(cfg.width, ("mlp", "embed"), "down")(h), "mlpwo")
 
 
 class Attention(nn.Module):
@@ -112,7 +117,7 @@ class Attention(nn.Module):
     cfg: LLMConfig
 
     @nn.compact
-    def __call__(self, x, gen, positions, bias, cache, write_index, return_probs: bool, decode: bool):
+    def __call__(self, x, gen, positions, spec: AttnSpec, cache, write_index):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
 
         def qkv(heads, head_axis):
@@ -124,9 +129,9 @@ class Attention(nn.Module):
         def norm(name):
             return RMSNorm(cfg.rms_eps, dt, axis_name="kv", name=name)
 
-        q = _routed(qkv(cfg.num_heads, "heads"), "q", cfg.mot, gen, x)
-        k = _routed(qkv(cfg.num_kv_heads, "kv_heads"), "k", cfg.mot, gen, x)
-        v = _routed(qkv(cfg.num_kv_heads, "kv_heads"), "v", cfg.mot, gen, x)
+        q = tag(_routed(qkv(cfg.num_heads, "heads"), "q", cfg.mot, gen, x), "query_proj")
+        k = tag(_routed(qkv(cfg.num_kv_heads, "kv_heads"), "k", cfg.mot, gen, x), "key_proj")
+        v = tag(_routed(qkv(cfg.num_kv_heads, "kv_heads"), "v", cfg.mot, gen, x), "value_proj")
         if cfg.qk_norm:
             q = _routed(norm, "q_norm", cfg.mot, gen, q)
             k = _routed(norm, "k_norm", cfg.mot, gen, k)
@@ -136,24 +141,27 @@ class Attention(nn.Module):
         new_cache = None
         if cache is not None:
             new_cache = {"k": _write(cache["k"], k, write_index), "v": _write(cache["v"], v, write_index)}
-            if decode:  # attend over everything cached so far (bias masks the unwritten tail)
+            if spec.decode:  # attend over everything cached so far (the spec masks the unwritten tail)
                 k, v = new_cache["k"].astype(dt), new_cache["v"].astype(dt)
-        out, probs = dot_attention(q, k, v, bias, return_probs)
+        out, probs = dot_attention(q, k, v, spec, spec.return_probs)
 
         def out_proj(name):
             return DenseGeneral((cfg.width,), ("heads", "kv", "embed"), in_dims=2, use_bias=cfg.attn_out_bias,
                                 dtype=dt, name=name)
 
-        return _routed(out_proj, "o", cfg.mot, gen, out), new_cache, probs
+        return tag(_routed(out_proj, "o", cfg.mot, gen, out), "out_proj"), new_cache, probs
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x)); norms and MLP routed under MoT."""
+    """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x)); norms and MLP routed under MoT.
+
+    Shaped as an `nn.scan` body: (x, per-layer inputs) -> (x, (new cache, hidden, probs)).
+    """
 
     cfg: LLMConfig
 
     @nn.compact
-    def __call__(self, x, gen, positions, bias, cache, write_index, return_probs: bool, decode: bool):
+    def __call__(self, x, gen, positions, spec: AttnSpec, cache, write_index):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
 
         def norm(name):
@@ -163,26 +171,25 @@ class DecoderLayer(nn.Module):
             return MLP(cfg, name=name)
 
         h = _routed(norm, "attn_norm", cfg.mot, gen, x)
-        a, new_cache, probs = Attention(cfg, name="attn")(h, gen, positions, bias, cache, write_index,
-                                                          return_probs, decode)
+        a, new_cache, probs = Attention(cfg, name="attn")(h, gen, positions, spec, cache, write_index)
         x = x + a
         h = _routed(norm, "mlp_norm", cfg.mot, gen, x)
-        x = x + _routed(mlp, "mlp", cfg.mot, gen, h)
-        return constrain(x, ("batch", "length", "embed")), new_cache, probs
+        x = constrain(x + _routed(mlp, "mlp", cfg.mot, gen, h), ("batch", "length", "embed"))
+        return x, (new_cache, x if spec.return_hidden else None, probs)
 
 
 class LLM(nn.Module):
-    """Token embedding, decoder stack, final norm and LM head (tied or untied)."""
+    """Token embedding, scanned decoder stack, final norm and LM head (tied or untied)."""
 
     cfg: LLMConfig
 
     def setup(self):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        check_impl(cfg.attention)
         self.embedder = nn.Embed(cfg.vocab_size, cfg.width, dtype=dt, param_dtype=jnp.float32,
                                  embedding_init=init(nn.initializers.normal(0.02), ("vocab", "embed")))
-        # static_argnums count `self` as 0: (return_probs, decode) are positions 7 and 8.
-        layer = nn.remat(DecoderLayer, static_argnums=(7, 8)) if cfg.remat else DecoderLayer
-        self.layers = [layer(cfg, name=f"layers_{i}") for i in range(cfg.depth)]
+        # scanned over (gen, positions, spec) broadcast, cache sliced per layer, write_index broadcast
+        self.layers = scanned(DecoderLayer, cfg.remat, cfg.depth, 3, 1, 1)(cfg)
         self.final_norm = RMSNorm(cfg.rms_eps, dt)
         if cfg.mot:
             self.final_norm_gen = RMSNorm(cfg.rms_eps, dt)
@@ -198,29 +205,26 @@ class LLM(nn.Module):
         out = self.embedder.attend(h) if self.cfg.tied_embeddings else self.lm_head(h)
         return constrain(out.astype(jnp.float32), ("batch", "length", "vocab"))
 
-    def __call__(self, x, gen, positions, bias, cache: Cache | None = None, write_index=None, *,
+    def __call__(self, x, gen, positions, spec: AttnSpec, cache: Cache | None = None, write_index=None, *,
                  return_hidden: bool = False, return_attn: bool = False, decode: bool = False):
         """Run the stack on embeddings x [B, L, D].
 
         gen: bool [B, L] generation-token mask (MoT routing; ignored without MoT); positions: int
-        [B, L]; bias: additive mask ([B,1,L,L], or [B,1,1,S] when decoding). Returns (normed final
-        hidden, new cache layers or None, hidden states [depth+1] or None, attention probs or None).
+        [B, L] (RoPE); spec: who attends to whom (`prompt_spec` / `decode_spec`). Returns (normed
+        final hidden, new {"k", "v"} stacked cache or None, hidden states [depth+1] or None,
+        attention probs [depth, B, H, Lq, Lk] or None).
         """
+        spec = spec.replace(impl=self.cfg.attention, return_probs=return_attn, decode=decode,
+                            return_hidden=return_hidden)
         x = constrain(x.astype(jnp.dtype(self.cfg.dtype)), ("batch", "length", "embed"))
-        hidden, attn, new_layers = [x], [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache["layers"][i]
-            x, c, p = layer(x, gen, positions, bias, layer_cache, write_index, return_attn, decode)
-            new_layers.append(c)
-            if return_hidden:
-                hidden.append(x)
-            if return_attn:
-                attn.append(p)
-        h = self.final_norm(x)
+        kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        out, (new_kv, hidden, attn) = self.layers(x, gen, positions, spec, kv, write_index)
+        h = self.final_norm(out)
         if self.cfg.mot:
-            h = route(gen, h, self.final_norm_gen(x))
-        return (h, tuple(new_layers) if cache is not None else None,
-                jnp.stack(hidden) if return_hidden else None, jnp.stack(attn) if return_attn else None)
+            h = route(gen, h, self.final_norm_gen(out))
+        if return_hidden:
+            hidden = jnp.concatenate([x[None], hidden], axis=0)
+        return h, new_kv, hidden, attn
 
 
 class CausalLM(nn.Module):
@@ -239,7 +243,7 @@ class CausalLM(nn.Module):
             attn_mask = jnp.ones_like(tokens)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         gen = jnp.zeros(tokens.shape, bool)
-        h, _, hidden, _ = self.llm(self.llm.embed(tokens), gen, positions, causal_bias(attn_mask),
+        h, _, hidden, _ = self.llm(self.llm.embed(tokens), gen, positions, prompt_spec(attn_mask),
                                    return_hidden=return_hidden)
         logits = self.llm.logits(h)
         return (logits, hidden) if return_hidden else logits

@@ -94,29 +94,36 @@ class UMMStage(BaseStage):
                 "vit_start": batch["vit_start"], "codes": codes, "gen_start": batch["gen_start"]}
 
     def losses(self, params, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Forward + loss on one batch -> (scalar loss, scalar metrics). Shared by training and eval."""
+        """Forward + loss on one batch -> (scalar loss, scalar metrics). Shared by training and eval.
+
+        The model computes the cross-entropies itself (`UMM._target_losses`): the LM head sequence-
+        tiled, the generation head only at the N positions that predict a code (<boi> .. last-but-one
+        code), so neither full logits tensor is built.
+        """
         codes = self.tokenize_targets(params[VQ_KEY], batch["target_image"])
-        out = self.model.apply({"params": params[UMM_KEY]}, self._model_inputs(batch, codes), deterministic=False)
         tokens = batch["tokens"]
         b, length = tokens.shape
         n = codes.shape[1]
-        # Targets of position p: the text token at p+1 / the code at p+1.
+        # Targets of position p: the text token at p+1; the code i is predicted at gen_start - 1 + i.
         text_tgt = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
-        code_idx = jnp.clip(jnp.arange(length)[None, :] + 1 - batch["gen_start"][:, None], 0, n - 1)
-        code_tgt = jnp.take_along_axis(codes, code_idx, axis=1)
-        text_ce = optax.softmax_cross_entropy_with_integer_labels(out["text_logits"], text_tgt)
-        gen_ce = optax.softmax_cross_entropy_with_integer_labels(out["gen_logits"], code_tgt)
+        code_pos = batch["gen_start"][:, None] - 1 + jnp.arange(n)[None, :]
+        targets = {"text": text_tgt, "code_positions": code_pos, "codes": codes}
+        out = self.model.apply({"params": params[UMM_KEY]}, self._model_inputs(batch, codes), deterministic=False,
+                               targets=targets, loss_chunk=int(self.cfg.model.umm.loss_chunk))
+        text_ce, gen_ce = out["text_ce"], out["gen_ce"]
 
         w = batch["text_loss_weight"].astype(jnp.float32)
         text_m = (w > 0).astype(jnp.float32)
-        gen_m = batch["gen_loss_mask"].astype(jnp.float32)
+        in_row = (code_pos >= 0) & (code_pos < length)
+        gen_m = jnp.take_along_axis(batch["gen_loss_mask"].astype(jnp.float32), jnp.clip(code_pos, 0, length - 1),
+                                    axis=1) * in_row
         n_text, n_gen = jnp.sum(text_m), jnp.sum(gen_m)
         text_loss = jnp.sum(w * text_ce) / jnp.maximum(n_text, 1.0)
         gen_loss = float(self.layout.gen_weight) * jnp.sum(gen_m * gen_ce) / jnp.maximum(n_gen, 1.0)
         loss = text_loss + gen_loss
 
-        text_hit = (jnp.argmax(out["text_logits"], -1) == text_tgt).astype(jnp.float32)
-        gen_hit = (jnp.argmax(out["gen_logits"], -1) == code_tgt).astype(jnp.float32)
+        text_hit = out["text_hit"].astype(jnp.float32)
+        gen_hit = out["gen_hit"].astype(jnp.float32)
         metrics = {
             "text_loss": text_loss, "gen_loss": gen_loss,
             "text_ce": jnp.sum(text_m * text_ce) / jnp.maximum(n_text, 1.0),
@@ -128,12 +135,12 @@ class UMMStage(BaseStage):
             "seq_fill": jnp.mean(batch["attn_mask"].astype(jnp.float32)),
         }
         # Per task: unweighted mean CE over that task's loss positions (text or code).
-        ce = text_m * text_ce + gen_m * gen_ce
-        m = text_m + gen_m
+        ce_sum = jnp.sum(text_m * text_ce, axis=1) + jnp.sum(gen_m * gen_ce, axis=1)  # [B]
+        m_sum = jnp.sum(text_m, axis=1) + jnp.sum(gen_m, axis=1)
         for task in self.tasks:
-            sel = (batch["task"] == TASKS.index(task)).astype(jnp.float32)[:, None]
-            count = jnp.sum(sel * m)
-            metrics[f"loss/{_short(task)}"] = jnp.where(count > 0, jnp.sum(sel * ce) / jnp.maximum(count, 1.0),
+            sel = (batch["task"] == TASKS.index(task)).astype(jnp.float32)
+            count = jnp.sum(sel * m_sum)
+            metrics[f"loss/{_short(task)}"] = jnp.where(count > 0, jnp.sum(sel * ce_sum) / jnp.maximum(count, 1.0),
                                                         jnp.nan)
             metrics[f"frac/{_short(task)}"] = jnp.mean(sel)
         return loss, metrics
