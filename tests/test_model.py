@@ -59,15 +59,18 @@ def random_params(abstract, seed: int = 0):
 
     def fill(path, leaf):
         name = str(getattr(path[-1], "key", path[-1]))
+        shape = leaf.shape
+        if any(str(getattr(k, "key", k)) in ("layers", "blocks") for k in path):
+            leaf = jax.ShapeDtypeStruct(shape[1:], leaf.dtype)  # fan-in of one scanned layer
         if name == "scale":
-            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), jnp.float32)
+            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(shape), jnp.float32)
         fan_in = leaf.shape[0] if leaf.ndim > 1 else 1
         if name == "kernel" and leaf.ndim == 3 and str(getattr(path[-2], "key", "")).startswith("o"):
             fan_in = leaf.shape[0] * leaf.shape[1]
         if name == "kernel" and leaf.ndim == 4:  # conv
             fan_in = int(np.prod(leaf.shape[:3]))
         std = 0.5 if name == "embedding" else (0.05 if name == "bias" else fan_in ** -0.5)
-        return jnp.asarray(std * rng.standard_normal(leaf.shape), jnp.float32)
+        return jnp.asarray(std * rng.standard_normal(shape), jnp.float32)
 
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
