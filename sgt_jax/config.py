@@ -181,6 +181,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.umm.llm.attention = "xla"  # "xla" | "cudnn" | "splash" | "explicit"; the ViT follows (cudnn -> xla)
     c.model.umm.loss_chunk = 512  # LM-head positions per cross-entropy tile: [B, L, vocab] logits never exist
     c.data.packing = False  # pack variable-length examples into rows with segment ids (data/packing.py)
+    c.data.packing_bins = 8  # open rows of the first-fit packer
     c.mesh.axis_rules = c.mesh.axis_rules + (("layers", None),)  # the scanned-layer axis of stacked params
 
     # ---- checkpointing ----

@@ -202,3 +202,29 @@ def test_packed_row_gives_the_unpacked_per_token_losses():
     np.testing.assert_allclose(ce_packed[la:la + lb - 1], alone_b, rtol=1e-5, atol=1e-5)
     # Per-example mean loss (per-token normalisation within each segment) is the unpacked one.
     np.testing.assert_allclose(ce_packed[la:la + lb - 1].mean(), alone_b.mean(), rtol=1e-5)
+
+
+def test_grain_packing_rows_and_pipeline_errors():
+    """grain first-fit packing: segment ids, restarted positions, loss weights cleared at segment ends."""
+    import grain
+
+    from sgt_jax.data import packing
+
+    def example(n, seq=8):
+        ex = {"tokens": np.zeros(seq, np.int32), "attn_mask": np.zeros(seq, np.int32),
+              "text_loss_weight": np.zeros(seq, np.float32), "gen_loss_mask": np.zeros(seq, np.float32)}
+        ex["tokens"][:n] = np.arange(1, n + 1)
+        ex["attn_mask"][:n] = 1
+        ex["text_loss_weight"][:n - 1] = 1.0
+        return ex
+
+    ds = grain.MapDataset.source([example(n) for n in (3, 5, 2, 6)]).to_iter_dataset()
+    rows = list(packing.pack(ds, 8, num_bins=2))
+    first = rows[0]
+    np.testing.assert_array_equal(first["segment_ids"], [1, 1, 1, 2, 2, 2, 2, 2])
+    np.testing.assert_array_equal(first["positions"], [0, 1, 2, 0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(first["tokens"], [1, 2, 3, 1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(first["text_loss_weight"], [1, 1, 0, 1, 1, 1, 1, 0])
+    assert sum(int(r["attn_mask"].sum()) for r in rows) == 3 + 5 + 2 + 6
+    with pytest.raises(ValueError, match="vit_image.*data.packing=False"):
+        packing.unpad(dict(example(3), vit_image=np.zeros((2, 2, 3))))

@@ -112,6 +112,9 @@ def check_config(cfg: ml_collections.ConfigDict, *, building: bool = False) -> N
         fail("model.umm.vit.select_layer", u.vit.select_layer, f"in [{-(u.vit.depth + 1)}, {u.vit.depth}]")
     if not building and cfg.stage != "umm":
         return
+    if cfg.data.get("packing", False):
+        fail("data.packing", True, "False for the umm stage (its rows carry one image span each; packing is for "
+             "text-only examples, see sgt_jax/data/packing.py)")
     if u.codebook_size != cfg.model.vq.codebook_size:
         fail("model.umm.codebook_size", u.codebook_size, f"model.vq.codebook_size ({cfg.model.vq.codebook_size})")
     grid = cfg.data.image_size // cfg.model.vq.downsample
