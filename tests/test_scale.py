@@ -228,3 +228,18 @@ def test_grain_packing_rows_and_pipeline_errors():
     assert sum(int(r["attn_mask"].sum()) for r in rows) == 3 + 5 + 2 + 6
     with pytest.raises(ValueError, match="vit_image.*data.packing=False"):
         packing.unpad(dict(example(3), vit_image=np.zeros((2, 2, 3))))
+
+
+def test_splash_attention_per_shard_under_a_mesh():
+    """Under a mesh the splash kernel runs per (batch, head) shard via shard_map; same result."""
+    cfg = config_lib.default_config()
+    rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.mesh.axis_rules)
+    mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[:4])
+    q, k, v = _qkv(b=2, lq=128, lk=128, h=4, kvh=2, d=128)
+    spec = llm_lib.prompt_spec(jnp.asarray([[1] * 100 + [0] * 28, [1] * 128], jnp.int32))
+    ref, _ = layers.explicit_attention(q, k, v, spec)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        out = jax.jit(lambda q, k, v: layers.splash_attention(q, k, v, spec))(q, k, v)
+    real = np.asarray(spec.kv_lengths)[:, None] > np.arange(128)[None]
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=2e-5)

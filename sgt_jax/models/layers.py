@@ -230,12 +230,29 @@ def fused_attention(q, k, v, spec: AttnSpec, implementation: str | None = None):
                                         key_value_seq_lengths=spec.kv_lengths, implementation=implementation)
 
 
-def splash_attention(q, k, v, spec: AttnSpec):
-    """Pallas splash attention (TPU; interpreted elsewhere, for tests). Lengths become segment ids
-    (0 = padding), so one kernel covers padded and packed rows. Needs Lq == Lk."""
+def _splash_local(q, k, v, seg, causal: bool):
+    """Splash attention on one device's shard: q [B, H, L, D] (pre-scaled), k / v [B, KVH, L, D]."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
+    h, length = q.shape[1], q.shape[2]
+    one = sm.CausalMask((length, length)) if causal else sm.FullMask((length, length))
+    block = next((n for n in (512, 256, 128) if length % n == 0), length)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * h), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                interpret=jax.default_backend() != "tpu")
+    return jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=sk.SegmentIds(q=s, kv=s)))(q, k, v, seg)
+
+
+def splash_attention(q, k, v, spec: AttnSpec):
+    """Pallas splash attention (TPU; interpreted elsewhere, for tests). Lengths become segment ids
+    (0 = padding), so one kernel covers padded and packed rows. Needs Lq == Lk.
+
+    Under a mesh the kernel runs per shard (`jax.shard_map`): batch and heads split as the logical
+    rules split `batch` and `heads`; K/V follow `kv_heads`, or are repeated to the query heads when
+    that axis is sharded differently; the sequence stays whole on each device.
+    """
     b, length, h, d = q.shape
     if k.shape[1] != length:
         raise ValueError(f"splash attention needs as many keys as queries; got {length} and {k.shape[1]}")
@@ -243,16 +260,22 @@ def splash_attention(q, k, v, spec: AttnSpec):
     if seg is None:
         lengths = spec.kv_lengths if spec.kv_lengths is not None else jnp.full((b,), length, jnp.int32)
         seg = (jnp.arange(length)[None, :] < lengths[:, None]).astype(jnp.int32)
-    one = sm.CausalMask((length, length)) if spec.causal else sm.FullMask((length, length))
-    block = next((n for n in (512, 256, 128) if length % n == 0), length)
-    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * h), block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                interpret=jax.default_backend() != "tpu")
+    seg = seg.astype(jnp.int32)
     qt = jnp.swapaxes(q * jnp.asarray(d ** -0.5, q.dtype), 1, 2)  # [B, H, L, D]; splash does not scale
     kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-    seg = seg.astype(jnp.int32)
-    out = jax.vmap(lambda a, b_, c, s: kernel(a, b_, c, segment_ids=sk.SegmentIds(q=s, kv=s)))(qt, kt, vt, seg)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out = _splash_local(qt, kt, vt, seg, spec.causal)
+    else:
+        batch_ax, heads_ax, kv_ax = nn.logical_to_mesh_axes(("batch", "heads", "kv_heads"))
+        if kv_ax != heads_ax:  # e.g. K/V replicated while query heads are split: give K/V the query heads
+            kt, vt = (jnp.repeat(x, h // x.shape[1], axis=1) for x in (kt, vt))
+            kv_ax = heads_ax
+        P = jax.sharding.PartitionSpec
+        qs, ks = P(batch_ax, heads_ax, None, None), P(batch_ax, kv_ax, None, None)
+        fn = jax.shard_map(lambda a, b_, c, s_: _splash_local(a, b_, c, s_, spec.causal), mesh=mesh,
+                           in_specs=(qs, ks, ks, P(batch_ax, None)), out_specs=qs, check_vma=False)
+        out = fn(qt, kt, vt, seg)
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
