@@ -284,12 +284,13 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec,
     """Grouped-query attention by `spec.impl`; the explicit path whenever probabilities are asked for.
 
     q: [B, Lq, H, D]; k, v: [B, Lk, KVH, D]. Returns ([B, Lq, H, D], probs [B, H, Lq, Lk] or None).
-    Single-query decode steps use XLA (splash needs Lq == Lk).
+    Single-query decode steps, and sequences not a multiple of 128 (splash's smallest TPU block;
+    e.g. SigLIP's 576 tokens), use XLA.
     """
     impl = check_impl(spec.impl)
     if return_probs or impl == "explicit":
         return explicit_attention(q, k, v, spec, return_probs)
-    if impl == "splash" and q.shape[1] == k.shape[1]:
+    if impl == "splash" and q.shape[1] == k.shape[1] and q.shape[1] % 128 == 0:
         return splash_attention(q, k, v, spec), None
     return fused_attention(q, k, v, spec, "cudnn" if impl == "cudnn" else "xla"), None
 

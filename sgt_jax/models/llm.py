@@ -23,8 +23,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sgt_jax.models.layers import (AttnSpec, DenseGeneral, RMSNorm, check_impl, constrain, dense_init, dot_attention,
-                                   init, rope, scanned, tag)
+from sgt_jax.models.layers import (
+    AttnSpec,
+    DenseGeneral,
+    RMSNorm,
+    check_impl,
+    constrain,
+    dense_init,
+    dot_attention,
+    init,
+    rope,
+    scanned,
+    tag,
+)
 
 
 @dataclasses.dataclass(frozen=True)

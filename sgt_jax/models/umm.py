@@ -94,6 +94,8 @@ def check_config(cfg: ml_collections.ConfigDict, *, building: bool = False) -> N
         fail("train.remat_policy", policy, f"one of {sorted(REMAT_POLICIES)} (or '' to follow train.remat)")
     if u.llm.attention not in ATTENTION_IMPLS:
         fail("model.umm.llm.attention", u.llm.attention, str(ATTENTION_IMPLS))
+    if u.get("text_loss_positions", 0) < 0:
+        fail("model.umm.text_loss_positions", u.text_loss_positions, "0 (every position) or a count > 0")
     if u.get("loss_chunk", 1) <= 0:
         fail("model.umm.loss_chunk", u.loss_chunk, "a value > 0 (positions per LM-head chunk)")
     if u.llm.num_heads % u.llm.num_kv_heads:
@@ -198,18 +200,22 @@ class UMM(nn.Module):
     def _target_losses(self, h, targets: dict, loss_chunk: int) -> dict:
         """Cross-entropies without the full logits tensors.
 
-        targets: `text` int32[B, L] (the text token each position predicts) and `code_positions`
+        targets: `text` int32[B, T] (the text token each scored position predicts; T = L, or the
+        static count of optional `text_positions` int32[B, T] gathered first) and `code_positions`
         int32[B, N] + `codes` int32[B, N] (the positions that predict each code, static N per row).
         The LM head runs sequence-tiled (`loss_chunk` positions per tile, recomputed in the backward
         pass), so [B, L, vocab] logits never exist at once; the generation head runs on the N
-        gathered code positions only. Returns text_ce / text_hit [B, L] and gen_ce / gen_hit [B, N].
+        gathered code positions only. Returns text_ce / text_hit [B, T] and gen_ce / gen_hit [B, N].
         """
         llm = self.llm
         if llm.cfg.tied_embeddings:
             w, spec = llm.embedder.embedding, "vd"
         else:
             w, spec = llm.lm_head.variables["params"]["kernel"], "dv"
-        text_ce, text_hit = chunked_cross_entropy(h, w, targets["text"], loss_chunk, spec)
+        ht = h
+        if "text_positions" in targets:  # gather the text-loss positions before the LM head
+            ht = jnp.take_along_axis(h, targets["text_positions"][..., None], axis=1)
+        text_ce, text_hit = chunked_cross_entropy(ht, w, targets["text"], loss_chunk, spec)
         pos = jnp.clip(targets["code_positions"], 0, h.shape[1] - 1)
         hg = jnp.take_along_axis(h, pos[..., None], axis=1)
         logits = self._gen_head(hg)
@@ -313,8 +319,10 @@ def dummy_inputs(cfg: UMMConfig, batch: int, seq_len: int) -> dict:
     }
 
 
-def flops_per_token(cfg: UMMConfig, seq_len: int) -> float:
-    """Forward matmul FLOPs per sequence position (2 x MACs) of the decoder and both heads.
+def flops_per_row(cfg: UMMConfig, seq_len: int) -> float:
+    """Forward matmul FLOPs (2 x MACs) of one training row of `seq_len` positions: the decoder and
+    the LM head at every position, the generation head at the `num_codes` positions that predict a
+    code (the loss gathers them before the head).
 
     Under MoT both weight sets run at every position (routing is a select), which this counts.
     Causal attention is counted at half of the full L x L score and value matmuls.
@@ -324,5 +332,6 @@ def flops_per_token(cfg: UMMConfig, seq_len: int) -> float:
     proj = 2 * c.width * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
     mlp = 2 * 3 * c.width * c.mlp_dim
     attn = 2 * 2 * seq_len * c.num_heads * c.head_dim / 2
-    heads = 2 * c.width * c.vocab_size + 2 * (c.width * cfg.gen_head_dim + cfg.gen_head_dim * cfg.codebook_size)
-    return float(c.depth * (mot * (proj + mlp) + attn) + heads)
+    text_head = 2 * c.width * c.vocab_size
+    gen_head = 2 * (c.width * cfg.gen_head_dim + cfg.gen_head_dim * cfg.codebook_size)
+    return float(seq_len * (c.depth * (mot * (proj + mlp) + attn) + text_head) + cfg.num_codes * gen_head)

@@ -16,7 +16,17 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from sgt_jax.models.layers import AttnSpec, DenseGeneral, constrain, dense, dense_init, dot_attention, init, layer_norm, scanned
+from sgt_jax.models.layers import (
+    AttnSpec,
+    DenseGeneral,
+    constrain,
+    dense,
+    dense_init,
+    dot_attention,
+    init,
+    layer_norm,
+    scanned,
+)
 
 
 @dataclasses.dataclass(frozen=True)
