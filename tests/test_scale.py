@@ -243,3 +243,16 @@ def test_splash_attention_per_shard_under_a_mesh():
         out = jax.jit(lambda q, k, v: layers.splash_attention(q, k, v, spec))(q, k, v)
     real = np.asarray(spec.kv_lengths)[:, None] > np.arange(128)[None]
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=2e-5)
+
+
+def test_mot_gathered_routing_equals_routing_over_every_position():
+    """MoT with the generation weights on the N + 1 gathered positions == routing over all L."""
+    model, params, _ = model_and_params(True)
+    a = make_inputs()
+    ref = forward(True)(params, a)
+    full = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, dict(a, gen_mask=ref["gen_mask"]))
+    for key in ("text_logits", "gen_logits"):
+        np.testing.assert_allclose(np.asarray(full[key]), np.asarray(ref[key]), atol=1e-5)
+    r = llm_lib.gen_route(jnp.asarray([[False, True, True, False], [False] * 4]), 2)
+    np.testing.assert_array_equal(np.asarray(r.index), [[1, 2], [0, 1]])
+    np.testing.assert_array_equal(np.asarray(r.valid), [[True, True], [False, False]])

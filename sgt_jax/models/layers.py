@@ -52,16 +52,18 @@ def remat(module_cls, policy: str, **kwargs):
 
 
 def scanned(layer_cls, cfg_remat, length: int, n_broadcast_before: int, scanned_args: int = 0,
-            n_broadcast_after: int = 0):
+            n_broadcast_after: int = 0, unroll: int = 1):
     """`layer_cls` rematerialised by policy name and scanned over `length` stacked layers.
 
     The parameters get a leading `layers` axis (logical name "layers"); the call's arguments after
     the carry are broadcast except `scanned_args` of them (sliced along axis 0, e.g. the KV cache).
+    `unroll` layers are unrolled per loop iteration (more compile time, sometimes a faster step).
     """
     body = remat(layer_cls, cfg_remat, prevent_cse=False)
     in_axes = (nn.broadcast,) * n_broadcast_before + (0,) * scanned_args + (nn.broadcast,) * n_broadcast_after
     return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
-                   length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+                   length=length, unroll=max(1, min(int(unroll), max(length, 1))),
+                   metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 def tag(x: jax.Array, name: str) -> jax.Array:

@@ -3,7 +3,9 @@
 The layout (parameter names and shapes) is chosen so Hugging Face Qwen2 / Llama / Qwen3 weights map
 one-to-one (see `sgt_jax/convert/hf_qwen2.py`). With `mot=True` every layer has a second set of
 norms, q/k/v/o projections and MLP (suffix `_gen`) that generation tokens use; attention itself is
-one softmax over the whole sequence, so text and image tokens still attend to each other.
+one softmax over the whole sequence, so text and image tokens still attend to each other. The
+generation weights run only on the generation positions (gathered to a static count per row,
+`GenRoute`, and scattered back), so their FLOPs scale with the image span, not the sequence.
 
 The decoder consumes embeddings (the UMM splices ViT and code embeddings into the sequence) and
 optionally a static, preallocated KV cache: `prefill` writes a whole right-padded prompt, `decode`
@@ -20,6 +22,7 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -57,6 +60,7 @@ class LLMConfig:
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: str | bool = "none"  # a layers.REMAT_POLICIES name (True = "full", False = "none")
     attention: str = "xla"  # layers.ATTENTION_IMPLS: "xla" | "cudnn" | "splash" | "explicit"
+    scan_unroll: int = 1  # decoder layers unrolled per scan iteration
 
 
 # {"k", "v": [depth, B, max_len, kv_heads, head_dim] (one stacked array each, as the scanned
@@ -82,19 +86,45 @@ def decode_spec(position: jax.Array) -> AttnSpec:
     return AttnSpec(kv_lengths=(position + 1).astype(jnp.int32), causal=False)
 
 
-def route(gen: jax.Array | None, text_value: jax.Array, gen_value: jax.Array | None) -> jax.Array:
-    """Pick the generation-weight result at generation positions (gen: bool [B, L])."""
-    if gen_value is None:
-        return text_value
-    mask = gen.reshape(gen.shape + (1,) * (text_value.ndim - gen.ndim))
-    return jnp.where(mask, gen_value, text_value)
+@flax.struct.dataclass
+class GenRoute:
+    """Where the MoT generation weights apply: `index` int32[B, G] positions (static G, each row's
+    generation positions first, in order), `valid` bool[B, G] (False = filler past the row's count)."""
+
+    index: jax.Array
+    valid: jax.Array
 
 
-def _routed(make, name: str, mot: bool, gen, *args):
-    """Apply the text module `name` and, with MoT, its `name_gen` twin; route per position."""
+def gen_route(gen: jax.Array, capacity: int | None = None) -> GenRoute:
+    """Route for the bool [B, L] generation mask with at most `capacity` generation positions per row
+    (None = L: exact for any mask). Rows with more than `capacity` route the extra ones to the text
+    weights, so callers pass a capacity they know bounds the mask (the UMM: codes + <boi>)."""
+    length = gen.shape[1]
+    g = length if capacity is None else max(1, min(int(capacity), length))
+    index = jnp.argsort(jnp.where(gen, 0, 1), axis=1, stable=True)[:, :g].astype(jnp.int32)
+    return GenRoute(index=index, valid=jnp.take_along_axis(gen, index, axis=1))
+
+
+def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [B, L, ...] at positions index [B, G] -> [B, G, ...]."""
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _scatter(full: jax.Array, r: GenRoute, part: jax.Array) -> jax.Array:
+    """full [B, L, ...] with the valid routed positions replaced by part [B, G, ...]."""
+    valid = r.valid.reshape(r.valid.shape + (1,) * (full.ndim - 2))
+    new = jnp.where(valid, part.astype(full.dtype), _gather(full, r.index))
+    return full.at[jnp.arange(full.shape[0])[:, None], r.index].set(new)
+
+
+def _routed(make, name: str, mot: bool, r: GenRoute | None, *args):
+    """Apply the text module `name` and, with MoT, its `name_gen` twin on the routed positions only
+    (gathered before, scattered back after), so the generation weights cost G positions, not L."""
     text_out = make(name)(*args)
-    gen_out = make(name + "_gen")(*args) if mot else None
-    return route(gen, text_out, gen_out)
+    if not mot:
+        return text_out
+    gen_out = make(name + "_gen")(*[_gather(a, r.index) for a in args])
+    return _scatter(text_out, r, gen_out)
 
 
 def _write(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
@@ -200,7 +230,7 @@ class LLM(nn.Module):
         self.embedder = nn.Embed(cfg.vocab_size, cfg.width, dtype=dt, param_dtype=jnp.float32,
                                  embedding_init=init(nn.initializers.normal(0.02), ("vocab", "embed")))
         # scanned over (gen, positions, spec) broadcast, cache sliced per layer, write_index broadcast
-        self.layers = scanned(DecoderLayer, cfg.remat, cfg.depth, 3, 1, 1)(cfg)
+        self.layers = scanned(DecoderLayer, cfg.remat, cfg.depth, 3, 1, 1, cfg.scan_unroll)(cfg)
         self.final_norm = RMSNorm(cfg.rms_eps, dt)
         if cfg.mot:
             self.final_norm_gen = RMSNorm(cfg.rms_eps, dt)
@@ -217,10 +247,12 @@ class LLM(nn.Module):
         return constrain(out.astype(jnp.float32), ("batch", "length", "vocab"))
 
     def __call__(self, x, gen, positions, spec: AttnSpec, cache: Cache | None = None, write_index=None, *,
-                 return_hidden: bool = False, return_attn: bool = False, decode: bool = False):
+                 return_hidden: bool = False, return_attn: bool = False, decode: bool = False,
+                 gen_capacity: int | None = None):
         """Run the stack on embeddings x [B, L, D].
 
-        gen: bool [B, L] generation-token mask (MoT routing; ignored without MoT); positions: int
+        gen: bool [B, L] generation-token mask (MoT routing, at most `gen_capacity` per row; ignored
+        without MoT); positions: int
         [B, L] (RoPE); spec: who attends to whom (`prompt_spec` / `decode_spec`). Returns (normed
         final hidden, new {"k", "v"} stacked cache or None, hidden states [depth+1] or None,
         attention probs [depth, B, H, Lq, Lk] or None).
@@ -229,10 +261,11 @@ class LLM(nn.Module):
                             return_hidden=return_hidden)
         x = constrain(x.astype(jnp.dtype(self.cfg.dtype)), ("batch", "length", "embed"))
         kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-        out, (new_kv, hidden, attn) = self.layers(x, gen, positions, spec, kv, write_index)
+        r = gen_route(gen, gen_capacity) if self.cfg.mot else None
+        out, (new_kv, hidden, attn) = self.layers(x, r, positions, spec, kv, write_index)
         h = self.final_norm(out)
         if self.cfg.mot:
-            h = route(gen, h, self.final_norm_gen(out))
+            h = _scatter(h, r, self.final_norm_gen(_gather(out, r.index)))
         if return_hidden:
             hidden = jnp.concatenate([x[None], hidden], axis=0)
         return h, new_kv, hidden, attn

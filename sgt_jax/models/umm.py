@@ -194,6 +194,13 @@ class UMM(nn.Module):
             gen = inputs["gen_mask"] > 0
         return x, gen, vit_out
 
+    def _gen_capacity(self, inputs: dict) -> int | None:
+        """MoT generation positions per row: a code span plus its <boi> (no bound for an explicit
+        `gen_mask`, e.g. a prompt ending in <boi>, which marks arbitrary positions)."""
+        if "gen_mask" in inputs:
+            return None
+        return (inputs["codes"].shape[1] + 1) if "codes" in inputs else 1
+
     def _heads(self, h):
         return {"text_logits": self.llm.logits(h), "gen_logits": self._gen_head(h)}
 
@@ -242,7 +249,8 @@ class UMM(nn.Module):
         del deterministic
         x, gen, vit_out = self.embed_inputs(inputs, return_vit=return_vit_hidden)
         positions, spec = _positions_and_spec(inputs)
-        h, _, hidden, attn = self.llm(x, gen, positions, spec, return_hidden=return_hidden, return_attn=return_attn)
+        h, _, hidden, attn = self.llm(x, gen, positions, spec, return_hidden=return_hidden, return_attn=return_attn,
+                                      gen_capacity=self._gen_capacity(inputs))
         out = self._heads(h) if targets is None else self._target_losses(h, targets, loss_chunk)
         out["gen_mask"] = gen
         if return_hidden:
@@ -265,7 +273,8 @@ class UMM(nn.Module):
         b = mask.shape[0]
         lengths = jnp.sum(mask > 0, axis=1).astype(jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), mask.shape)
-        h, kv, _, _ = self.llm(x, gen, positions, llm_lib.prompt_spec(mask), cache, jnp.zeros((b,), jnp.int32))
+        h, kv, _, _ = self.llm(x, gen, positions, llm_lib.prompt_spec(mask), cache, jnp.zeros((b,), jnp.int32),
+                               gen_capacity=self._gen_capacity(inputs))
         last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # heads at the last position only
         out = {k: v[:, 0] for k, v in self._heads(last).items()}
         return out, {**kv, "length": lengths}
@@ -324,14 +333,16 @@ def flops_per_row(cfg: UMMConfig, seq_len: int) -> float:
     the LM head at every position, the generation head at the `num_codes` positions that predict a
     code (the loss gathers them before the head).
 
-    Under MoT both weight sets run at every position (routing is a select), which this counts.
-    Causal attention is counted at half of the full L x L score and value matmuls.
+    Under MoT the text weights run at every position and the generation weights at the routed
+    `num_codes + 1` positions (codes and <boi>). Causal attention is counted at half of the full
+    L x L score and value matmuls.
     """
     c = cfg.llm
-    mot = 2 if c.mot else 1
+    routed = seq_len + (min(cfg.num_codes + 1, seq_len) if c.mot else 0)  # positions through the weights
     proj = 2 * c.width * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
     mlp = 2 * 3 * c.width * c.mlp_dim
     attn = 2 * 2 * seq_len * c.num_heads * c.head_dim / 2
     text_head = 2 * c.width * c.vocab_size
     gen_head = 2 * (c.width * cfg.gen_head_dim + cfg.gen_head_dim * cfg.codebook_size)
-    return float(seq_len * (c.depth * (mot * (proj + mlp) + attn) + text_head) + cfg.num_codes * gen_head)
+    return float(c.depth * (routed * (proj + mlp) + seq_len * attn) + seq_len * text_head
+                 + cfg.num_codes * gen_head)
