@@ -287,14 +287,16 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec,
 
     q: [B, Lq, H, D]; k, v: [B, Lk, KVH, D]. Returns ([B, Lq, H, D], probs [B, H, Lq, Lk] or None).
     Single-query decode steps, and sequences not a multiple of 128 (splash's smallest TPU block;
-    e.g. SigLIP's 576 tokens), use XLA.
+    e.g. SigLIP's 576 tokens), use XLA; so does "cudnn" off GPU or in float32 (cuDNN's fused
+    attention takes bf16 / fp16 only).
     """
     impl = check_impl(spec.impl)
     if return_probs or impl == "explicit":
         return explicit_attention(q, k, v, spec, return_probs)
     if impl == "splash" and q.shape[1] == k.shape[1] and q.shape[1] % 128 == 0:
         return splash_attention(q, k, v, spec), None
-    return fused_attention(q, k, v, spec, "cudnn" if impl == "cudnn" else "xla"), None
+    cudnn = impl == "cudnn" and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    return fused_attention(q, k, v, spec, "cudnn" if cudnn else "xla"), None
 
 
 def chunked_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array, chunk: int,

@@ -52,7 +52,8 @@ class UMMConfig:
             num_kv_heads=u.llm.num_kv_heads, head_dim=u.llm.head_dim, mlp_dim=u.llm.mlp_dim,
             rope_theta=float(u.llm.rope_theta), qk_norm=u.llm.qk_norm, attn_bias=u.llm.attn_bias,
             attn_out_bias=u.llm.attn_out_bias, tied_embeddings=u.llm.tied_embeddings,
-            rms_eps=float(u.llm.rms_eps), mot=u.mot, dtype=dtype, remat=remat, attention=u.llm.attention)
+            rms_eps=float(u.llm.rms_eps), mot=u.mot, dtype=dtype, remat=remat, attention=u.llm.attention,
+            scan_unroll=int(u.llm.scan_unroll))
         vit = ViTConfig(
             image_size=u.vit.image_size, patch_size=u.vit.patch_size, width=u.vit.width, depth=u.vit.depth,
             num_heads=u.vit.num_heads, mlp_dim=u.vit.mlp_dim, pos=u.vit.pos, select_layer=u.vit.select_layer,
@@ -94,6 +95,8 @@ def check_config(cfg: ml_collections.ConfigDict, *, building: bool = False) -> N
         fail("train.remat_policy", policy, f"one of {sorted(REMAT_POLICIES)} (or '' to follow train.remat)")
     if u.llm.attention not in ATTENTION_IMPLS:
         fail("model.umm.llm.attention", u.llm.attention, str(ATTENTION_IMPLS))
+    if u.llm.scan_unroll < 1:
+        fail("model.umm.llm.scan_unroll", u.llm.scan_unroll, "an integer >= 1")
     if u.get("text_loss_positions", 0) < 0:
         fail("model.umm.text_loss_positions", u.text_loss_positions, "0 (every position) or a count > 0")
     if u.get("loss_chunk", 1) <= 0:
