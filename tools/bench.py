@@ -15,7 +15,8 @@ simulated devices), and each variant's step time relative to the first. `--sampl
 
 `--suite=scale` runs the issue-10 comparisons in one go instead (tools/scale_bench.py):
 
-    python tools/bench.py --suite=scale --steps=10 --warmup=2 [--out=runs/bench/scale]
+    git worktree add /tmp/before f1d12ac   # the unrolled layers, for the before/after table
+    python tools/bench.py --suite=scale --before_src=/tmp/before --steps=10 --warmup=2 [--out=runs/bench/scale]
 
 A variant is `name:field=value,field=value` over the base config (which `--config.field=value`
 flags change for all variants); a bare `name` is the base config itself.
@@ -48,6 +49,8 @@ _SUITE = flags.DEFINE_enum("suite", "", ["", "scale", "scale_small"],
                            "Run the issue-10 speed suite instead (tools/scale_bench.py; --config is then ignored): "
                            "train step, umm_1b compile time, tokens/s vs torch, CFG sampling vs HF generate. "
                            "'scale_small' shrinks every size (a quick check that the suite runs).")
+_BEFORE = flags.DEFINE_string("before_src", "", "With --suite: a checkout of the old code (e.g. `git worktree add "
+                              "/tmp/before f1d12ac`) whose tools/bench.py times the same train steps first.")
 
 
 def _simulate_devices(n: int) -> None:
@@ -148,7 +151,7 @@ def run_suite(small: bool) -> None:
               f"x{env['devices']}, jax {env['jax']}, {env['date']}, load {env.get('load_avg_1m', float('nan')):.2f}; "
               f"medians of {_STEPS.value} interleaved rounds after {_WARMUP.value} warm-up)")
     print(header, flush=True)
-    payload, text = scale_bench.run(small=small, steps=_STEPS.value, warmup=_WARMUP.value)
+    payload, text = scale_bench.run(small=small, steps=_STEPS.value, warmup=_WARMUP.value, before_src=_BEFORE.value)
     print(text)
     if _OUT.value:
         write_out(_OUT.value, {"env": env, "mode": "suite", **payload}, text, header)

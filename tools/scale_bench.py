@@ -197,34 +197,67 @@ def train_step_rows(named: list[tuple[str, Any]], *, steps: int, warmup: int):
     return bench.summarize(runners)
 
 
-def scale_configs(small: bool):
-    """(train-step configs, compile config): base_shapes and a 2-layer umm_1b slice; umm_1b whole."""
+def scale_specs(small: bool) -> tuple[list[tuple[str, str, list[tuple[str, Any]]]], tuple[str, list]]:
+    """(train-step variants as (name, config spec, overrides), the compile config): base_shapes and
+    a 2-layer slice of umm_1b on one device; umm_1b whole for the compile time."""
+    one = [("mesh.shape", (1, -1, 1)), ("optim.grad_accum_steps", 1)]
+    full = "configs/umm_1b.py:smoke" if small else "configs/umm_1b.py"
+    slice2 = [("model.umm.llm.depth", 2), ("model.umm.vit.depth", 2), ("train.batch_size", 2)] + one
+    base = [("train.batch_size", 2)] if small else []
+    return [("base_shapes", "configs/base_shapes.py", base), ("umm_1b_2layer", full, slice2)], (full, one)
+
+
+def _load(spec: str, overrides):
     from sgt_jax.train import bench
 
-    base = bench.load_config("configs/base_shapes.py")
-    full = bench.load_config("configs/umm_1b.py:smoke" if small else "configs/umm_1b.py:proxy=segmentation")
-    slice2 = bench.apply_overrides(full, [("model.umm.llm.depth", 2), ("model.umm.vit.depth", 2),
-                                          ("train.batch_size", 2 if not small else 2),
-                                          ("optim.grad_accum_steps", 1), ("mesh.shape", (1, -1, 1))])
-    if small:
-        base = bench.apply_overrides(base, [("train.batch_size", 2)])
-    full = bench.apply_overrides(full, [("mesh.shape", (1, -1, 1))])
-    return [("base_shapes", base), ("umm_1b_2layer", slice2)], full
+    return bench.apply_overrides(bench.load_config(spec), overrides)
 
 
-def run(small: bool = False, steps: int = 5, warmup: int = 1) -> tuple[dict, str]:
-    """Every measurement of the suite -> (json payload, markdown text)."""
+def before_step_seconds(src: str, specs, *, steps: int, warmup: int) -> dict[str, float]:
+    """Median step time of each variant measured by another checkout's own tools/bench.py (e.g. a
+    worktree at f1d12ac, the unrolled layers), in a subprocess with that checkout on PYTHONPATH."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, spec, overrides in specs:
+            path, _, arg = spec.partition(":")
+            variant = name + (":" + ",".join(f"{k}={v!r}" for k, v in overrides) if overrides else "")
+            cmd = [sys.executable, os.path.join(src, "tools", "bench.py"),
+                   f"--config={os.path.join(src, path)}" + (f":{arg}" if arg else ""), f"--variant={variant}",
+                   f"--steps={steps}", f"--warmup={warmup}", f"--out={os.path.join(tmp, name)}"]
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(src))
+            subprocess.run(cmd, env=env, cwd=src, check=True)
+            with open(os.path.join(tmp, name + ".json")) as f:
+                out[name] = float(json.load(f)["rows"][0]["step_s_median"])
+    return out
+
+
+def run(small: bool = False, steps: int = 5, warmup: int = 1, before_src: str = "") -> tuple[dict, str]:
+    """Every measurement of the suite -> (json payload, markdown text). `before_src`: a checkout of
+    the old code (e.g. f1d12ac) whose own bench times the same train-step variants first."""
     from sgt_jax.train import bench
 
     shape = SMALL if small else LMShape()
     lm = llm_vs_torch(shape, batch=4 if small else 32, seq=32 if small else 160, steps=steps, warmup=warmup)
     smp = sampler_vs_hf(shape, images=2 if small else 16, prompt_len=16 if small else 96,
                         num_codes=16 if small else 64, rounds=max(1, steps // 2) if small else steps)
-    named, full = scale_configs(small)
-    comp = umm_compile_seconds(full)
-    rows = train_step_rows(named, steps=steps, warmup=warmup)
+    specs, (full_spec, full_over) = scale_specs(small)
+    before = before_step_seconds(before_src, specs, steps=steps, warmup=warmup) if before_src else {}
+    comp = umm_compile_seconds(_load(full_spec, full_over))
+    rows = train_step_rows([(name, _load(spec, over)) for name, spec, over in specs], steps=steps, warmup=warmup)
+    versus = bench.markdown_table(
+        ("variant", "before ms", "after ms", "x faster"),
+        [(r.variant, f"{1e3 * before[r.variant]:.1f}" if r.variant in before else "-", f"{1e3 * r.step_s_median:.1f}",
+          f"{before[r.variant] / r.step_s_median:.2f}" if r.variant in before else "-") for r in rows])
     text = "\n\n".join([
-        "## train step (sgt_jax; 'before' = the lead's f1d12ac numbers)\n" + bench.bench_table(rows),
+        "## train step after (this checkout)\n" + bench.bench_table(rows),
+        f"## train step before ({before_src or 'not measured: pass --before_src=<checkout of f1d12ac>'}) vs after\n"
+        + versus,
         "## compile time of the umm_1b train step (AOT, abstract state, this CPU)\n" + bench.markdown_table(
             ("config", "params", "depth", "remat", "attention", "build s", "compile s", "goal"),
             [("umm_1b" + (" smoke" if small else ""), f"{comp['params']:,}", comp["depth"], comp["remat"],
@@ -242,6 +275,7 @@ def run(small: bool = False, steps: int = 5, warmup: int = 1) -> tuple[dict, str
               f"{smp['hf_s']:.3f}", f"{smp['jax_img_s']:.2f}", f"{smp['hf_img_s']:.2f}", f"{smp['ratio']:.2f}",
               ">= 2")]),
     ])
-    payload = {"small": small, "train_step": [r.as_dict() for r in rows], "compile": comp, "lm_vs_torch": lm,
+    payload = {"small": small, "train_step": [r.as_dict() for r in rows], "before_step_s": before,
+               "before_src": before_src, "compile": comp, "lm_vs_torch": lm,
                "sampler_vs_hf": smp}
     return payload, text
