@@ -4,6 +4,10 @@ Every parameter is created through `nn.with_logical_partitioning`, so the train 
 model by mapping logical axis names (`embed`, `mlp`, `heads`, `kv_heads`, `kv`, `vocab`, ...) onto
 mesh axes with the config's rules. Parameters are float32; matmuls run in the compute dtype and
 numerically sensitive parts (norm statistics, softmax) run in float32.
+
+Also here: the layer-stack transform (`scanned`: nn.scan + a named remat policy), the attention
+kernels behind one `dot_attention` (XLA / cuDNN fused, Pallas splash, explicit probabilities) with
+masks described by `AttnSpec`, and the sequence-tiled cross-entropy of a big-vocabulary head.
 """
 from __future__ import annotations
 
