@@ -102,9 +102,25 @@ def test_remat_policies_keep_the_gradients(policy):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
+def test_scan_unroll_keeps_the_logits():
+    import dataclasses
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 40, (2, 10)), jnp.int32)
+    abstract = jax.eval_shape(llm_lib.CausalLM(LLM_CFG).init, jax.random.key(0), tokens)["params"]
+    params = random_params(nn.meta.unbox(abstract))
+    a = llm_lib.CausalLM(LLM_CFG).apply({"params": params}, tokens)
+    b = llm_lib.CausalLM(dataclasses.replace(LLM_CFG, scan_unroll=2)).apply({"params": params}, tokens)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
 def test_bad_remat_and_attention_names_are_config_errors():
     cfg = config_lib.default_config()
     cfg.stage = "umm"
+    assert umm_lib.remat_setting(cfg) == "none"
+    cfg.train.remat = True
+    assert umm_lib.remat_setting(cfg) == "full"
+    cfg.train.remat_policy = "save_dots_except_mlp"  # an explicit name wins over train.remat
+    assert umm_lib.remat_setting(cfg) == "save_dots_except_mlp"
     cfg.train.remat_policy = "sometimes"
     with pytest.raises(config_lib.ConfigError, match="train.remat_policy.*'sometimes'.*save_dots_except_mlp"):
         umm_lib.check_config(cfg)
