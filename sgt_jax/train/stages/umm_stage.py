@@ -31,6 +31,7 @@ from sgt_jax.data import sequences
 from sgt_jax.models import umm as umm_lib
 from sgt_jax.models import vq as vq_lib
 from sgt_jax.models.vit import vit_flops_per_image
+from sgt_jax.train.metrics import Ratio
 from sgt_jax.train.stage import BaseStage, register_stage
 
 log = logging.getLogger(__name__)
@@ -140,14 +141,14 @@ class UMMStage(BaseStage):
             "truncated": jnp.mean(batch["truncated"].astype(jnp.float32)),
             "seq_fill": jnp.mean(batch["attn_mask"].astype(jnp.float32)),
         }
-        # Per task: unweighted mean CE over that task's loss positions (text or code).
+        # Per task: unweighted mean CE over that task's loss positions (text or code), as (sum, count)
+        # so micro-batches and eval batches combine into the token mean (NaN only with no such token).
+        # Text and code losses have different position sets ([B, T] and [B, N]): summed per row first.
         ce_sum = jnp.sum(text_m * text_ce, axis=1) + jnp.sum(gen_m * gen_ce, axis=1)  # [B]
         m_sum = jnp.sum(text_m, axis=1) + jnp.sum(gen_m, axis=1)
         for task in self.tasks:
             sel = (batch["task"] == TASKS.index(task)).astype(jnp.float32)
-            count = jnp.sum(sel * m_sum)
-            metrics[f"loss/{_short(task)}"] = jnp.where(count > 0, jnp.sum(sel * ce_sum) / jnp.maximum(count, 1.0),
-                                                        jnp.nan)
+            metrics[f"loss/{_short(task)}"] = Ratio(jnp.sum(sel * ce_sum), jnp.sum(sel * m_sum))
             metrics[f"frac/{_short(task)}"] = jnp.mean(sel)
         return loss, metrics
 
@@ -159,8 +160,9 @@ class UMMStage(BaseStage):
     # -- FLOPs ----------------------------------------------------------------------------------
     def flops_per_example(self) -> float:
         """Training FLOPs of one row: 3 x forward for trained parts (decoder + LM head over all L
-        positions, generation head over the code positions, ViT + adapter, code adapter), 1 x forward for a frozen ViT, plus the frozen VQ
-        encoder's forward once (counted by XLA's cost analysis of the lowered encoder)."""
+        positions, generation head over the code positions, ViT + adapter, code adapter), 1 x
+        forward for a frozen ViT, plus the frozen VQ encoder's forward once (counted by XLA's cost
+        analysis of the lowered encoder)."""
         c, L = self.mcfg, self.layout.max_seq_len
         llm = umm_lib.flops_per_row(c, L)
         vit = vit_flops_per_image(c.vit) + 2 * c.num_vit_tokens * (c.vit.width * c.und_adapter_dim
@@ -240,8 +242,12 @@ class UMMStage(BaseStage):
             batch = {k: v for k, v in batch.items() if k in self.dummy_batch(1)}
             loss, metrics = jax.device_get(fn(params, batch))
             for k, v in {"loss": loss, **metrics}.items():
+                if isinstance(v, Ratio):  # token totals: the mean over all eval tokens of the task
+                    sums[k] = sums.get(k, 0.0) + float(v.total)
+                    counts[k] = counts.get(k, 0) + float(v.count)
+                    continue
                 v = float(v)
                 if np.isfinite(v):
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
-        return {f"eval/{k}": sums[k] / counts[k] for k in sums if not k.startswith("frac/")}
+        return {f"eval/{k}": sums[k] / counts[k] for k in sums if not k.startswith("frac/") and counts[k] > 0}
