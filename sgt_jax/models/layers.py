@@ -236,7 +236,7 @@ def fused_attention(q, k, v, spec: AttnSpec, implementation: str | None = None):
                                         key_value_seq_lengths=spec.kv_lengths, implementation=implementation)
 
 
-def _splash_local(q, k, v, seg, causal: bool):
+def _splash_local(q, k, v, seg, causal: bool, interpret: bool):
     """Splash attention on one device's shard: q [B, H, L, D] (pre-scaled), k / v [B, KVH, L, D]."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -247,7 +247,7 @@ def _splash_local(q, k, v, seg, causal: bool):
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * h), block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                interpret=jax.default_backend() != "tpu")
+                                interpret=interpret)
     return jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=sk.SegmentIds(q=s, kv=s)))(q, k, v, seg)
 
 
@@ -270,8 +270,12 @@ def splash_attention(q, k, v, spec: AttnSpec):
     qt = jnp.swapaxes(q * jnp.asarray(d ** -0.5, q.dtype), 1, 2)  # [B, H, L, D]; splash does not scale
     kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     mesh = jax.sharding.get_abstract_mesh()
+    # The Mosaic kernel where the program targets TPU (also AOT for a TPU topology from a CPU
+    # host, where the mesh's devices say so); the Pallas interpreter elsewhere (tests on CPU).
+    device = None if mesh.empty else mesh.abstract_device
+    interpret = (device.platform if device is not None else jax.default_backend()) != "tpu"
     if mesh.empty:
-        out = _splash_local(qt, kt, vt, seg, spec.causal)
+        out = _splash_local(qt, kt, vt, seg, spec.causal, interpret)
     else:
         batch_ax, heads_ax, kv_ax = nn.logical_to_mesh_axes(("batch", "heads", "kv_heads"))
         if kv_ax != heads_ax:  # e.g. K/V replicated while query heads are split: give K/V the query heads
@@ -279,7 +283,7 @@ def splash_attention(q, k, v, spec: AttnSpec):
             kv_ax = heads_ax
         P = jax.sharding.PartitionSpec
         qs, ks = P(batch_ax, heads_ax, None, None), P(batch_ax, kv_ax, None, None)
-        fn = jax.shard_map(lambda a, b_, c, s_: _splash_local(a, b_, c, s_, spec.causal), mesh=mesh,
+        fn = jax.shard_map(lambda a, b_, c, s_: _splash_local(a, b_, c, s_, spec.causal, interpret), mesh=mesh,
                            in_specs=(qs, ks, ks, P(batch_ax, None)), out_specs=qs, check_vma=False)
         out = fn(qt, kt, vt, seg)
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
