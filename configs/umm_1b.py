@@ -44,9 +44,9 @@ def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
     c.data.num_workers = 8
 
     u, v, vit = c.model.umm, c.model.vq, c.model.umm.vit
-    # LlamaGen VQ-16: conv family, 16384 l2-normalised 8-dim codes, f = 16.
-    v.family, v.codebook_size, v.code_dim, v.downsample = "conv", 16384, 8, 16
-    v.width, v.channel_mult = 128, (1, 1, 2, 2, 4)
+    # LlamaGen VQ-16 exactly as published (the `llamagen` family): 16384 l2-normalised 8-dim codes, f = 16.
+    v.family, v.codebook_size, v.code_dim, v.downsample = "llamagen", 16384, 8, 16
+    v.width, v.channel_mult, v.num_res_blocks, v.z_channels = 128, (1, 1, 2, 2, 4), 2, 256
     for k, val in shape["llm"].items():
         u.llm[k] = val
     u.llm.rope_theta, u.llm.rms_eps = 10000.0, 1e-6
@@ -54,6 +54,7 @@ def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
     # SigLIP-L/16 @ 384.
     vit.image_size, vit.patch_size, vit.width, vit.depth, vit.num_heads, vit.mlp_dim = 384, 16, 1024, 24, 16, 4096
     vit.pos, vit.select_layer, vit.post_norm = "learned", -1, True
+    vit.gelu_approximate = False  # timm's SigLIP-L in Janus-Pro: exact GELU
     c.data.image_size = 384
     width = u.llm.width
     u.gen_embed_dim, u.gen_adapter_dim, u.gen_head_dim, u.und_adapter_dim = 8, width, width, width
@@ -78,15 +79,17 @@ def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
     c.eval.every_steps = 2000
     c.mesh.shape = (1, -1, int(a.get("tensor", shape["tensor"])))
 
-    if smoke:  # same family, tiny: Shapes World at 32 px, a few steps on CPU.
+    if smoke:  # same family, tiny: Shapes World at 32 px, a few steps on CPU. These shapes are the
+        # tiny random Janus of tests/janus_fixture.py, so a converted one loads with init=.
         c.data.image_size = 32
         c.data.tokenizer_dir = str(a.get("tokenizer", ""))
         c.data.num_workers = 0
         c.data.train_size, c.data.validation_size, c.data.test_size, c.data.heldout_size = 64, 16, 16, 16
-        v.codebook_size, v.downsample, v.width, v.channel_mult = 256, 8, 16, (1, 1, 2, 2)
+        v.codebook_size, v.downsample, v.width, v.channel_mult = 64, 8, 32, (1, 1, 2, 2)
+        v.num_res_blocks, v.z_channels = 1, 32
         u.llm.vocab_size, u.llm.width, u.llm.depth, u.llm.num_heads, u.llm.num_kv_heads = 1024, 64, 2, 4, 4
-        u.llm.head_dim, u.llm.mlp_dim = 16, 160
-        vit.image_size, vit.patch_size, vit.width, vit.depth, vit.num_heads, vit.mlp_dim = 32, 16, 32, 2, 2, 64
+        u.llm.head_dim, u.llm.mlp_dim = 16, 96
+        vit.image_size, vit.patch_size, vit.width, vit.depth, vit.num_heads, vit.mlp_dim = 32, 8, 32, 2, 2, 64
         u.gen_adapter_dim = u.gen_head_dim = u.und_adapter_dim = 64
         c.data.max_seq_len = 64
         c.train.compute_dtype = "float32"

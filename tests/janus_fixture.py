@@ -17,8 +17,9 @@ import numpy as np
 JANUS_SPECIALS = {"bos": "<｜begin▁of▁sentence｜>", "eos": "<｜end▁of▁sentence｜>", "pad": "<｜▁pad▁｜>"}
 IMAGE_TOKENS = ["<image_placeholder>", "<begin_of_image>", "<end_of_image>"]
 
-# Same family as Janus-Pro, tiny. Vision and VQ grids agree (32 px / 8 = 4 x 4 = 16 tokens each).
-TINY = dict(vocab=384, width=64, depth=2, heads=4, mlp=96, vit_width=32, vit_depth=2, vit_heads=2, image=32,
+# Same family as Janus-Pro, tiny: the shapes of `configs/umm_1b.py:smoke`. Vision and VQ grids agree
+# (32 px / 8 = 4 x 4 = 16 tokens each).
+TINY = dict(vocab=1024, width=64, depth=2, heads=4, mlp=96, vit_width=32, vit_depth=2, vit_heads=2, image=32,
             patch=8, vq_width=32, vq_mult=(1, 1, 2, 2), vq_res=1, z=32, codebook=64, code_dim=8)
 
 
