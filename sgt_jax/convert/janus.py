@@ -14,8 +14,8 @@ stacked layers) is made in one place per component.
 Output (`convert`): `<out>/checkpoints/0/state` = {"params": {"umm": ..., "vq": ...}}, the tokenizer
 copied to `<out>/tokenizer`, and `<out>/manifest.json` (layout, dtype, every source tensor -> target
 path(s), skipped tensors, special token ids, and the config overrides that give the same shapes).
-Tensors are converted one at a time from a memory-mapped source; the converted tree is the only
-full copy held in memory.
+Tensors are converted one at a time from a memory-mapped source (`LazyTensor`) and written with a
+bounded host-transfer budget, so the converted tree is the only full copy held in memory.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import shutil
+import struct
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,19 +58,71 @@ SIGLIP_SHAPES = {"siglip_large_patch16_384": dict(width=1024, layers=24, heads=1
 # ---------------------------------------------------------------------------------------------
 # tensor sources: name -> numpy array, each array tagged with the source key it came from
 # ---------------------------------------------------------------------------------------------
-class _Tagged(np.ndarray):
-    """An ndarray view that remembers its source tensor through .T / reshape / slicing (manifest)."""
+class LazyTensor:
+    """A source tensor not read yet, plus the view ops (.T, reshape, transpose, slicing) the layout
+    functions apply to it. The tree of these is checked and mapped first; `materialize` then reads
+    one tensor at a time, so the converted copy is the only full copy ever held."""
 
-    source: str = ""
+    def __init__(self, source: str, shape: tuple[int, ...], load: Callable[[], np.ndarray],
+                 release: Callable[[], None] | None = None, ops: tuple = ()):
+        self.source, self.shape, self._load, self._release, self._ops = source, tuple(shape), load, release, ops
 
-    def __array_finalize__(self, obj):
-        self.source = getattr(obj, "source", "")
+    def _with(self, op, shape) -> "LazyTensor":
+        return LazyTensor(self.source, shape, self._load, self._release, self._ops + (op,))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def T(self) -> "LazyTensor":  # noqa: N802 (numpy's name)
+        return self._with(("T",), self.shape[::-1])
+
+    def transpose(self, *axes) -> "LazyTensor":
+        return self._with(("transpose", axes), tuple(self.shape[a] for a in axes))
+
+    def reshape(self, *shape) -> "LazyTensor":
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
+        return self._with(("reshape", shape), np.empty(self.shape, np.bool_).reshape(shape).shape)
+
+    def __getitem__(self, index) -> "LazyTensor":
+        return self._with(("index", index), np.empty(self.shape, np.bool_)[index].shape)
+
+    def materialize(self, dtype=None) -> np.ndarray:
+        """Read the tensor, apply the ops, return a contiguous copy (in `dtype`); release the source pages."""
+        x = self._load()
+        for op in self._ops:
+            if op[0] == "T":
+                x = x.T
+            elif op[0] == "transpose":
+                x = x.transpose(*op[1])
+            elif op[0] == "reshape":
+                x = x.reshape(op[1])
+            else:
+                x = x[op[1]]
+        out = np.array(x, dtype=dtype or x.dtype, order="C", copy=True)
+        del x
+        if self._release is not None:
+            self._release()
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        return self.materialize(dtype)
 
 
-def _tag(x: np.ndarray, key: str) -> _Tagged:
-    out = np.asarray(x).view(_Tagged)
-    out.source = key
-    return out
+def _drop_pages(address: int, nbytes: int) -> None:
+    """madvise(MADV_DONTNEED) over a read-only file mapping: the pages leave this process's resident
+    set (they are re-read from the file if touched again), so a memory-mapped source tensor stops
+    counting once it has been converted."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = (address + page - 1) // page * page  # only whole pages inside the tensor
+    end = (address + nbytes) // page * page
+    if end > start and hasattr(mmap, "MADV_DONTNEED"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
 class SafetensorsSource:
@@ -77,12 +130,21 @@ class SafetensorsSource:
 
     def __init__(self, directory: Path):
         self.ckpt = HFCheckpoint(directory)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for f in sorted(Path(directory).glob("*.safetensors")):
+            with open(f, "rb") as h:
+                (n,) = struct.unpack("<Q", h.read(8))
+                header = json.loads(h.read(n))
+            self._shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
 
     def keys(self) -> list[str]:
         return self.ckpt.keys()
 
-    def get(self, name: str) -> np.ndarray:
-        return _tag(self.ckpt.get(name), name)
+    def get(self, name: str) -> LazyTensor:
+        info = self._shapes.get(name)
+        if info is None:
+            raise KeyError(f"{self.ckpt.dir}: tensor {name!r} not found; e.g. {self.keys()[:8]}")
+        return LazyTensor(name, info, lambda: self.ckpt.get(name))
 
 
 class TorchBinSource:
@@ -107,20 +169,31 @@ class TorchBinSource:
     def keys(self) -> list[str]:
         return sorted(self._where)
 
-    def get(self, name: str) -> np.ndarray:
-        import torch
-
+    def _tensor(self, name: str):
         if name not in self._where:
             raise KeyError(f"tensor {name!r} not in the checkpoint; e.g. {self.keys()[:8]}")
         path = self._where[name]
         if path not in self._open:
             self._open[path] = self._load(path)
-        t = self._open[path][name]
+        return self._open[path][name]
+
+    def _numpy(self, name: str) -> np.ndarray:
+        import torch
+
+        t = self._tensor(name)
         if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bytes (no copy)
-            arr = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        else:
-            arr = t.numpy()
-        return _tag(arr, name)
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+    def _release(self, name: str) -> None:
+        # torch maps the file privately and read-only here, so dropped pages re-read from disk if a
+        # tensor sharing them (e.g. the fused qkv read three times) is touched again.
+        storage = self._tensor(name).untyped_storage()
+        _drop_pages(storage.data_ptr(), storage.nbytes())
+
+    def get(self, name: str) -> LazyTensor:
+        return LazyTensor(name, tuple(self._tensor(name).shape), lambda: self._numpy(name),
+                          lambda: self._release(name))
 
 
 def detect_layout(directory: Path) -> str:
@@ -499,27 +572,27 @@ def convert(directory: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
         raise ValueError(f"tokenizer in {tok_src} has {len(tokenizer)} ids > the checkpoint's vocab "
                          f"{cfg.llm.vocab_size}")
 
-    mapping: dict[str, list[str]] = {}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    converted = []
-    for path, leaf in leaves:  # one tensor at a time: cast (copy) and drop the mmapped view
+    mapping: dict[str, list[str]] = {}
+    for path, leaf in leaves:
         mapping.setdefault(leaf.source, []).append(_path(path))
-        converted.append(np.ascontiguousarray(np.asarray(leaf), dtype=DTYPES[dtype]))
-    del leaves, tree
-    params = jax.tree_util.tree_unflatten(treedef, converted)
     all_keys = src.source.keys()
     skipped = sorted(k for k in all_keys if k not in mapping)
     unused_blocks = re.compile(r"(encoder\.layers|vision_tower\.blocks)\.(\d+)\.")
     unexpected = [k for k in skipped if not SKIP.search(k) and not (
         unused_blocks.search(k) and int(unused_blocks.search(k).group(2)) >= cfg.vit.num_blocks)]
-    if unexpected:
+    if unexpected:  # before anything is read or written
         raise ValueError(f"{directory}: {len(unexpected)} tensors have no place in the UMM: {unexpected[:10]}")
+    # One tensor at a time: read, lay out, cast; the memory-mapped source pages are dropped after each.
+    params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(leaf.materialize(DTYPES[dtype])) for _, leaf in leaves])
+    del leaves, tree
+    num_params = int(sum(x.size for x in jax.tree.leaves(params)))
     overrides = config_overrides(cfg, spec)
     manifest = {"source": str(directory), "layout": src.layout, "dtype": dtype, "special_ids": ids,
                 "overrides": overrides, "mapping": mapping, "skipped": skipped,
-                "num_tensors": len(all_keys), "num_params": int(sum(x.size for x in converted))}
+                "num_tensors": len(all_keys), "num_params": num_params}
     meta = {"kind": "janus_import", "step": 0, "source": str(directory), "overrides": overrides}
-    save_for_init_from(out_dir, params, meta)
+    save_for_init_from(out_dir, params, meta, max_host_transfer_gb=1)
     files = _copy_tokenizer(tok_src, out_dir / "tokenizer")
     manifest["tokenizer_files"] = files
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=list))
