@@ -3,8 +3,9 @@
     python tools/train.py --config=configs/umm_1b.py:proxy=segmentation,init=gs://.../janus_pro_1b_sgt_jax
 
 Shape (Janus-Pro-1B): decoder 24 x 2048, 16 heads (MHA), SwiGLU 5632, vocab 102400, untied head;
-SigLIP-L/16 at 384 px (24 blocks x 1024, 576 tokens) -> 2-layer GELU adapter; LlamaGen VQ
-(conv, f = 16, 16384 codes of dim 8) -> 24 x 24 = 576 codes per image, 8-dim code embedding,
+SigLIP-L/16 at 384 px (24 blocks x 1024, 576 tokens, exact GELU) -> 2-layer GELU adapter; LlamaGen
+VQ-16 as published (`llamagen` family, f = 16, 16384 codes of dim 8) -> 24 x 24 = 576 codes per image,
+8-dim code embedding,
 generation head 2048 -> 2048 -> 16384. bf16 compute, fp32 params, remat. Mesh: FSDP over the whole
 pod (`mesh.shape = (1, -1, 1)`): every parameter and the optimizer state are sharded on `embed`.
 
@@ -13,7 +14,8 @@ Recipe (SGT paper, Janus-style optimiser): proxy : understanding = 2 : 1 by batc
 everything trains except the VQ; instruction dropped 10%, image never.
 
 Options: `proxy=NAME|none` (default segmentation), `init=PATH` (UMM checkpoint holding the
-converted LLM/ViT and the VQ under params/vq; "" = from scratch), `tokenizer=DIR` (local HF tokenizer),
+converted LLM/ViT and the VQ under params/vq, e.g. `tools/convert_checkpoint.py --janus=DIR --out=PATH`;
+"" = from scratch), `tokenizer=DIR` (local HF tokenizer, e.g. PATH/tokenizer of the conversion),
 `tensor=T` (tensor-parallel width, default 1), `smoke` (same family, tiny, CPU tests).
 Data: the built-in Shapes World rendered at 384 px (the only record source built so far; the
 SAM-SGT / LLaVA builders plug in through `data.dataset` once they exist).

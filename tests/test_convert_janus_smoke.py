@@ -41,6 +41,10 @@ def test_convert_both_layouts_then_train_sample_evaluate(tmp_path):
 
     conv, work = tmp_path / "conv_orig", tmp_path / "run"
     config = f"--config=configs/umm_1b.py:smoke,init={conv},tokenizer={conv / 'tokenizer'}"
+    # The converted checkpoint itself samples in Janus's conversation format (CFG, reference uncond row).
+    _run(["tools/sample.py", f"--workdir={conv}", config, "--prompt_format=janus", "--prompt=a red circle",
+          "--guidance_scale=3", "--temperature=0", f"--out_dir={tmp_path / 'janus_samples'}"])
+    assert len(list((tmp_path / "janus_samples").glob("*.png"))) == 1
     data = f"--config.data.data_dir={tmp_path / 'data'}"
     _run(["tools/train.py", config, f"--workdir={work}", data, "--config.checkpoint.async_save=False"])
     assert (work / "checkpoints").exists()
