@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import janus_fixture as jf  # noqa: E402
+
 from sgt_jax.convert import janus  # noqa: E402
 from sgt_jax.infer import prompts, sampler  # noqa: E402
 from sgt_jax.models import umm as umm_lib  # noqa: E402
@@ -164,3 +165,16 @@ def test_greedy_understanding_answer_matches_transformers(tiny):
                               attention_mask=torch.ones(1, len(row)).long(), max_new_tokens=n_new, do_sample=False,
                               eos_token_id=ids["eos"], pad_token_id=ids["pad"])[0, len(row):].numpy()
         np.testing.assert_array_equal(ours[i, :len(ref)], ref)
+
+
+@pytest.mark.parametrize("hw", [(20, 48), (60, 30), (32, 32)])
+def test_janus_image_preprocessing_matches_transformers(hw):
+    from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+
+    image = _images(1, max(hw), seed=7)[0][: hw[0], : hw[1]]
+    proc = JanusImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    ref = proc(images=[image], return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    ours = prompts.janus_pixels(image, 32)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    if hw[0] != hw[1]:  # padded on the reference background (127 / 127.5 - 1)
+        assert np.isclose(ours[0, 0], 127 / 127.5 - 1).all() or np.isclose(ours[-1, -1], 127 / 127.5 - 1).all()

@@ -53,3 +53,6 @@ def test_convert_both_layouts_then_train_sample_evaluate(tmp_path):
     assert list((tmp_path / "samples").glob("*.png")), out.stdout + out.stderr
     ev = _run(["tools/evaluate.py", f"--workdir={work}", f"--data_dir={tmp_path / 'data'}"], timeout=600)
     assert "{" in ev.stdout
+    # ... and the converted checkpoint itself evaluates (config given, as it carries none).
+    ev = _run(["tools/evaluate.py", f"--workdir={conv}", config, data], timeout=600)
+    assert "{" in ev.stdout

@@ -342,7 +342,7 @@ def llm_config(raw: dict, layout: str, tied: bool) -> Any:
     return hf_qwen2.llm_config_from_hf(text)
 
 
-def vit_config(raw: dict, layout: str, src: HFNames) -> ViTConfig:
+def vit_config(raw: dict, layout: str) -> ViTConfig:
     """SigLIP-L as Janus builds it: learned positions, exact GELU, final LayerNorm, select_layer."""
     if layout == "hf":
         v = raw.get("vision_config", {})
@@ -352,6 +352,11 @@ def vit_config(raw: dict, layout: str, src: HFNames) -> ViTConfig:
         patch, size, ratio = v.get("patch_size", 16), v.get("image_size", 384), v.get("mlp_ratio", 4.0)
         eps, act, select = float(v.get("layer_norm_eps", 1e-6)), v.get("hidden_act", "gelu"), -1
         depth = raw.get("vision_config", {}).get("depth", 2)
+        q = raw.get("vq_config", {})
+        if q.get("num_hidden_layers", 2) != 2 or q.get("hidden_act", "gelu") != "gelu" or q.get("double_latent"):
+            raise ValueError(f"vq_config (generation aligner depth {q.get('num_hidden_layers')}, act "
+                             f"{q.get('hidden_act')!r}, double_latent {q.get('double_latent')}) is not supported; "
+                             "Janus: depth 2, 'gelu', single latent")
     else:
         p = dict(raw.get("vision_config", {}).get("params", {}))
         shape = dict(SIGLIP_SHAPES.get(p.get("model_name", ""), {}))
@@ -531,7 +536,7 @@ def read(directory: str | Path, layout: str = "auto") -> tuple[dict, umm_lib.UMM
     src = HFNames(source, layout)
     tied = "lm_head.weight" not in src
     llm = llm_config(raw, layout, tied)
-    vit = vit_config(raw, layout, src)
+    vit = vit_config(raw, layout)
     spec = vq_spec(src, vit.image_size)
     aligner_hidden = src.get("model.aligner.fc1.weight").shape[0]
     gen_adapter_hidden = src.get("model.generation_aligner.fc1.weight").shape[0]

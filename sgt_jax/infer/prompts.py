@@ -174,8 +174,8 @@ def janus_pixels(image: np.ndarray, size: int) -> np.ndarray:
     if (h, w) != (size, size):
         from PIL import Image
 
-        long = max(h, w)
-        nh, nw = max(int(h / long * size), 1), max(int(w / long * size), 1)
+        long, floor = max(h, w), min(14, size)  # the reference's min_size 14
+        nh, nw = max(round(h * size / long), floor), max(round(w * size / long), floor)
         resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC))
         square = np.empty((size, size, 3), np.uint8)
         square[:] = JANUS_BACKGROUND
