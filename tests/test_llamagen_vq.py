@@ -26,7 +26,8 @@ def _vq_smoke():
     cfg = mod.get_config("smoke")
     v = cfg.model.vq
     v.family, v.width, v.num_res_blocks, v.z_channels = "llamagen", 32, 1, 32
-    v.channel_mult = (1,) * (int(np.log2(v.downsample)) + 1)
+    v.downsample, v.channel_mult = 4, (1, 1, 1)
+    cfg.data.image_size = 16
     return cfg
 
 

@@ -151,14 +151,15 @@ class TorchBinSource:
     """The `original` layout: `pytorch_model.bin` or its shards, each opened with mmap on first use."""
 
     def __init__(self, directory: Path):
-        index = directory / "pytorch_model.bin.index.json"
+        index, single = directory / "pytorch_model.bin.index.json", directory / "pytorch_model.bin"
+        self._open: dict[Path, dict] = {}
         if index.exists():
             self._where = {k: directory / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-        elif (directory / "pytorch_model.bin").exists():
-            self._where = {k: directory / "pytorch_model.bin" for k in self._load(directory / "pytorch_model.bin")}
+        elif single.exists():
+            self._open[single] = self._load(single)
+            self._where = {k: single for k in self._open[single]}
         else:
             raise FileNotFoundError(f"{directory}: no pytorch_model.bin or pytorch_model.bin.index.json")
-        self._open: dict[Path, dict] = {}
 
     @staticmethod
     def _load(path: Path) -> dict:
