@@ -297,3 +297,109 @@ def test_corrupt_records_are_skipped_and_counted_by_the_pipeline(built):
     batch = next(it)
     assert batch["target"].shape == (3, S, S, 3)
     assert pipeline.skip_counts(it)["undecodable"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the 2 : 1 mixture of real sources (configs/umm_1b.py:data=real)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def real_cfg(tmp_path_factory, sam_root, llava_root):
+    from sgt_jax.config import config_module, validate
+    from sgt_jax.data import datasets
+    from sgt_jax.data import tokenizer as tok_lib
+
+    root = tmp_path_factory.mktemp("mix")
+    tok_dir = str(root / "tok")
+    cfg = config_module(os.path.join(REPO, "configs", "umm_1b.py")).get_config(
+        f"smoke,data=real,sam={sam_root},llava={llava_root},tokenizer={tok_dir}")
+    cfg.data.data_dir = str(root / "data")
+    validate(cfg)
+    tok_lib.build_shapes_tokenizer(tok_dir, cfg, vocab_size=400, num_scenes=12)
+    datasets.ensure_dataset(cfg)  # builds both real datasets from their manual_dirs
+    return cfg
+
+
+def test_umm_1b_real_option_names_sources_and_rejects_bad_values():
+    from sgt_jax.config import config_module
+
+    m = config_module(os.path.join(REPO, "configs", "umm_1b.py"))
+    c = m.get_config("data=real,seg=coco_panoptic,coco=/c,llava=/l")
+    assert dict(c.data.sources) == {"proxy_segmentation": "coco_panoptic", "understanding": "llava_onevision"}
+    assert dict(c.data.mixture) == {"proxy_segmentation": 2.0, "understanding": 1.0}
+    with pytest.raises(ValueError, match="option 'seg'"):
+        m.get_config("data=real,seg=imagenet")
+    from sgt_jax.data import datasets
+
+    c.data.tokenizer_dir = ""
+    with pytest.raises(ValueError, match="data.tokenizer_dir"):
+        datasets.real_sources(c)
+    c.data.tokenizer_dir = "/t"
+    c.data.sources = {"understanding": "sam_sgt"}
+    with pytest.raises(ValueError, match="cannot feed task"):
+        datasets.real_sources(c)
+
+
+def test_mixture_two_to_one_sharded_and_resumable(real_cfg):
+    from sgt_jax.data import datasets, pipeline, sequences
+    from sgt_jax.data import tokenizer as tok_lib
+
+    cfg = real_cfg
+    tok = tok_lib.load_tokenizer(cfg.data.tokenizer_dir)
+    transforms = sequences.make_task_transforms(cfg, tok)
+    sources = datasets.open_source(cfg, "train")
+    assert sorted(sources) == ["proxy_segmentation", "understanding"]
+    it = pipeline.make_iterator(cfg, "train", transforms, process_index=0, process_count=1, batch_size=6,
+                                num_workers=0)
+    batches = [next(it) for _ in range(5)]
+    tasks = np.concatenate([b["task"] for b in batches])
+    seg, und = sequences.task_id("proxy_segmentation"), sequences.task_id("understanding")
+    assert (tasks == seg).sum() == 20 and (tasks == und).sum() == 10  # 2 : 1 by example
+    b = batches[0]
+    assert b["target_image"].shape == (6, 32, 32, 3) and b["vit_image"].shape == (6, 32, 32, 3)
+    for row in range(6):
+        if b["task"][row] == seg:  # proxy targets are palette colours only
+            colours = {tuple(c) for c in b["target_image"][row].reshape(-1, 3)}
+            assert colours <= {tuple(int(x) for x in c) for c in render.INSTANCE_PALETTE}
+    state = it.get_state()
+    after = [next(it) for _ in range(2)]
+    it.set_state(state)
+    again = [next(it) for _ in range(2)]
+    for x, y in zip(after, again):
+        assert all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def test_per_host_shards_are_disjoint(real_cfg):
+    import zlib
+
+    from sgt_jax.data import pipeline
+
+    def key_of(record, rng):
+        return {"key": np.int64(zlib.crc32(record["key"].encode()))}
+
+    seen = []
+    for p in range(2):
+        it = pipeline.make_iterator(real_cfg, "train", {"proxy_segmentation": key_of, "understanding": key_of},
+                                    process_index=p, process_count=2, batch_size=1, training=False, num_workers=0)
+        seen.append({int(b["key"][0]) for b in it})
+    assert seen[0] and seen[1] and not (seen[0] & seen[1])
+
+
+def test_conversation_row_has_loss_on_every_answer_only():
+    from sgt_jax.data import sequences
+
+    lay = sequences.Layout(max_seq_len=40, num_vit_tokens=4, vit_image_size=16, num_codes=4, image_size=16)
+    ids = sequences.SpecialIds(bos=1, eos=2, pad=0, img=3, img_end=4, boi=5, eoi=6)
+    enc = lambda t: [100 + ord(ch) % 50 for ch in t]  # noqa: E731  one id per character
+    b = sequences.SequenceBuilder(lay, ids, enc)
+    image = np.zeros((16, 16, 3), np.uint8)
+    one = b.conversation(image, [("ab", "c")])
+    assert all(np.array_equal(one[k], v) for k, v in b.understanding(image, "ab", "c").items())
+    row = b.conversation(image, [("ab", "c"), ("de", "fg")])
+    n = 3 + 4  # <bos> <img> [4] </img>
+    # tokens: q1 (2) + " c" (2) + eos, q2 (2) + " fg" (3) + eos
+    answer_pos = list(range(n + 2, n + 5)) + list(range(n + 7, n + 11))
+    scored = np.nonzero(row["text_loss_weight"])[0] + 1  # weight at p scores token p + 1
+    assert scored.tolist() == answer_pos
+    assert row["tokens"][n + 4] == 2 and row["tokens"][n + 10] == 2 and row["truncated"] == 0
+    long = b.conversation(image, [("ab", "c")] + [("x" * 10, "y" * 10)] * 3)
+    assert long["truncated"] == 1 and long["attn_mask"].sum() <= 40
