@@ -364,7 +364,7 @@ def test_mixture_two_to_one_sharded_and_resumable(real_cfg):
     after = [next(it) for _ in range(2)]
     it.set_state(state)
     again = [next(it) for _ in range(2)]
-    for x, y in zip(after, again):
+    for x, y in zip(after, again, strict=True):
         assert all(np.array_equal(x[k], y[k]) for k in x)
 
 

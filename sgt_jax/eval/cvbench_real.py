@@ -144,7 +144,7 @@ def evaluate(run, root: str, *, method: str = "likelihood", batch_size: int = 16
         picks = [mcq.parse_answer(t, it["choices"]) for t, it in zip(texts, items, strict=True)]
         gen = aggregate(items, picks)
         gen.update(method="generate", unparsed=float(np.mean([p is None for p in picks])),
-                   examples=[{"question": it["question"], "answer": t} for it, t in zip(items[:3], texts[:3])])
+                   examples=[{"question": it["question"], "answer": t} for it, t in zip(items[:3], texts[:3], strict=True)])
         if method == "generate":
             res = gen
         else:
