@@ -15,6 +15,8 @@ import os
 
 from absl import logging
 
+from sgt_jax.config import ConfigError, register_check
+
 DATA_DIR_ENV = "SGT_DATA_DIR"
 DEFAULT_DATA_DIR = "data_cache"
 
@@ -62,6 +64,15 @@ def real_sources(cfg) -> dict[str, str]:
                          "allowed: a local Hugging Face tokenizer directory (the Shapes World BPE only "
                          "knows Shapes World words)")
     return sources
+
+
+@register_check
+def check_real_sources(cfg) -> None:
+    """`config.validate` rule: data.sources names known datasets for tasks they can feed."""
+    try:
+        real_sources(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def real_image_size(cfg) -> int:
