@@ -403,3 +403,23 @@ def test_conversation_row_has_loss_on_every_answer_only():
     assert row["tokens"][n + 4] == 2 and row["tokens"][n + 10] == 2 and row["truncated"] == 0
     long = b.conversation(image, [("ab", "c")] + [("x" * 10, "y" * 10)] * 3)
     assert long["truncated"] == 1 and long["attn_mask"].sum() <= 40
+
+
+def test_real_and_shapes_world_sources_mix(real_cfg):
+    """A task that data.sources does not name keeps reading Shapes World."""
+    from sgt_jax.data import datasets, pipeline, sequences
+    from sgt_jax.data import tokenizer as tok_lib
+    from sgt_jax.data.pipeline import RecordSource
+
+    cfg = real_cfg.copy_and_resolve_references()
+    cfg.data.sources = {"proxy_segmentation": "sam_sgt"}
+    cfg.data.train_size, cfg.data.validation_size, cfg.data.test_size, cfg.data.heldout_size = 8, 0, 0, 0
+    datasets.ensure_dataset(cfg)
+    sources = datasets.open_source(cfg, "train")
+    assert sources["proxy_segmentation"].name == "sam_sgt/train"
+    assert isinstance(sources["understanding"], RecordSource) and sources["understanding"].decode is None
+    transforms = sequences.make_task_transforms(cfg, tok_lib.load_tokenizer(cfg.data.tokenizer_dir))
+    batch = next(pipeline.make_iterator(cfg, "train", transforms, process_index=0, process_count=1, batch_size=6,
+                                        num_workers=0))
+    assert sorted(set(batch["task"].tolist())) == sorted(
+        [sequences.task_id("proxy_segmentation"), sequences.task_id("understanding")])

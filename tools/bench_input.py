@@ -10,6 +10,10 @@ train.batch_size / --hosts. Warm-up batches (worker start, first reads) are time
 step consumes rows_per_host / step_time examples/s per host, from --step_time_s or measured here
 with --measure_step (the real jitted step, as tools/bench.py builds it; needs the accelerator).
 Headroom = pipeline examples/s / consumption (the goal is >= 5x). Prints a markdown table.
+
+Without the real data: `--synthetic=N` writes N SAM-SGT-layout pairs (smooth 640 x 480 JPEG photos,
+masks of 12 flat rectangles at half resolution) and N LLaVA parquet rows (3 turns) under --out_dir,
+points the config's sources at them and builds them first (building is not timed).
 """
 from __future__ import annotations
 
@@ -28,7 +32,52 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed-for-throughput warm-up batc
 _STEP_TIME = flags.DEFINE_float("step_time_s", 0.0, "Train step time to compare with (seconds).")
 _MEASURE = flags.DEFINE_bool("measure_step", False, "Measure the train step time (tools/bench.py's runner).")
 _OUT = flags.DEFINE_string("out", "", "Also write the numbers as JSON here.")
+_SYNTHETIC = flags.DEFINE_integer("synthetic", 0, "Write N synthetic SAM-SGT + LLaVA items and read those.")
+_SYNTH_DIR = flags.DEFINE_string("synthetic_dir", "/tmp/sgt_bench_input", "Where --synthetic writes its copies.")
 flags.mark_flags_as_required(["config"])
+
+
+def write_synthetic(root: str, n: int) -> tuple[str, str]:
+    """N SAM-SGT pairs (list-file layout) and N LLaVA parquet rows under root; returns (sam, llava)."""
+    import os
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from sgt_jax.data import real_images
+
+    sam, llava = os.path.join(root, "sam"), os.path.join(root, "llava")
+    for d in ("sam_selection", "sam_mask", "file_names"):
+        os.makedirs(os.path.join(sam, d), exist_ok=True)
+    os.makedirs(os.path.join(llava, "synthetic"), exist_ok=True)
+    rng = np.random.default_rng(0)
+
+    def photo():  # smooth, so its JPEG is photo-sized rather than noise-sized
+        small = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+        return np.asarray(Image.fromarray(small).resize((640, 480), Image.Resampling.BICUBIC))
+
+    lines, rows = [], []
+    for i in range(n):
+        with open(os.path.join(sam, "sam_selection", f"{i:06d}.jpg"), "wb") as f:
+            f.write(real_images.encode_jpeg(photo()))
+        mask = np.zeros((240, 320, 3), np.uint8)
+        for _ in range(12):
+            y, x = rng.integers(0, 200), rng.integers(0, 280)
+            mask[y:y + rng.integers(10, 60), x:x + rng.integers(10, 60)] = rng.integers(30, 255, 3)
+        Image.fromarray(mask).save(os.path.join(sam, "sam_mask", f"{i:06d}.png"))
+        lines.append(f"sam_selection/{i:06d}.jpg")
+        conv = []
+        for t in range(3):
+            conv += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + f"What is in region {t}?"},
+                     {"from": "gpt", "value": "A synthetic rectangle of some colour, seen from above. " * 3}]
+        rows.append({"id": str(i), "image": {"bytes": real_images.encode_jpeg(photo()), "path": f"{i}.jpg"},
+                     "conversations": conv, "data_source": "synthetic"})
+    with open(os.path.join(sam, "file_names", "synthetic.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(llava, "synthetic", "train-00000-of-00001.parquet"))
+    return sam, llava
 
 
 def measure_step_time(cfg) -> float:
@@ -52,6 +101,14 @@ def main(argv) -> int:
     from sgt_jax.config import validate
     from sgt_jax.data import datasets, pipeline, sequences
 
+    if _SYNTHETIC.value > 0:
+        import os
+
+        sam, llava = write_synthetic(_SYNTH_DIR.value, _SYNTHETIC.value)
+        seg = next((t for t in cfg.data.mixture.keys() if t.startswith("proxy_")), None)
+        cfg.data.sources = {"understanding": "llava_onevision", **({seg: "sam_sgt"} if seg else {})}
+        cfg.data.manual_dirs = {"sam_sgt": sam, "llava_onevision": llava}
+        cfg.data.data_dir = os.path.join(_SYNTH_DIR.value, "data_cache")
     validate(cfg)
     hosts = _HOSTS.value or jax.process_count()
     if cfg.train.batch_size % hosts:

@@ -37,7 +37,7 @@ def tokenizer_dir_for(cfg, data_dir: str | None = None) -> str:
                         f"_v{d.tokenizer_vocab_size}_c{d.tokenizer_corpus_scenes}")
 
 
-# dataset -> (record kind, tasks it can feed, splits it has)
+# dataset -> (record kind, tasks it can feed)
 REAL_DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sam_sgt": ("segmentation", ("proxy_segmentation", "proxy_reconstruction", "proxy_mae")),
     "coco_panoptic": ("segmentation", ("proxy_segmentation", "proxy_semantic", "proxy_reconstruction", "proxy_mae")),
