@@ -412,8 +412,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _check_schema(default_config(), cfg, "")
     _check_semantics(cfg, num_devices)
     if cfg.stage == "umm":
-        import sgt_jax.data.sequences  # noqa: F401  (register the sequence-length checks ...)
-        import sgt_jax.data.datasets  # noqa: F401  (... the real data-source checks ...)
+        import sgt_jax.data.datasets  # noqa: F401  (register the real data-source checks ...)
+        import sgt_jax.data.sequences  # noqa: F401  (... the sequence-length checks ...)
         import sgt_jax.models.umm  # noqa: F401  (... and the model's)
     for check in _EXTRA_CHECKS:
         check(cfg)
