@@ -423,3 +423,16 @@ def test_real_and_shapes_world_sources_mix(real_cfg):
                                         num_workers=0))
     assert sorted(set(batch["task"].tolist())) == sorted(
         [sequences.task_id("proxy_segmentation"), sequences.task_id("understanding")])
+
+
+def test_parallel_build_writes_the_same_records(built, sam_root, tmp_path):
+    from sgt_jax.data import tfds_real
+
+    _, b = built
+    par = tfds_real.prepare("sam_sgt", S, str(tmp_path), sam_root, num_workers=2)
+    assert par.skipped == b["sam_sgt"].skipped
+    one, two = b["sam_sgt"].as_data_source("train"), par.as_data_source("train")
+    assert len(one) == len(two) == 5
+    for i in range(5):
+        x, y = one[i], two[i]
+        assert x["key"] == y["key"] and x["image"] == y["image"] and np.array_equal(x["instance"], y["instance"])

@@ -3,7 +3,7 @@
   python tools/build_dataset.py --dataset=shapes_world --data_dir=data_cache \
       --train_size=4096 --validation_size=256 --test_size=256 --heldout_size=256 --image_size=64
 
-  python tools/build_dataset.py --dataset=sam_sgt --manual_dir=/data/sgt_release --data_dir=data_cache
+  python tools/build_dataset.py --dataset=sam_sgt --manual_dir=/data/sgt_release --data_dir=data_cache --num_workers=16
   python tools/build_dataset.py --dataset=coco_panoptic --manual_dir=/data/coco --store_size=384
   python tools/build_dataset.py --dataset=llava_onevision --manual_dir=/data/LLaVA-OneVision-Data
 
@@ -30,6 +30,7 @@ REAL = ("sam_sgt", "coco_panoptic", "llava_onevision")
 flags.DEFINE_enum("dataset", "shapes_world", ["shapes_world", *REAL], "Which dataset to build.")
 flags.DEFINE_string("manual_dir", None, "Real datasets: local copy of the release.")
 flags.DEFINE_integer("store_size", 384, "Real datasets: stored image side (max of the ViT and VQ sizes).")
+flags.DEFINE_integer("num_workers", 1, "Real datasets: processes that decode / resize / encode items.")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: $SGT_DATA_DIR or ./data_cache).")
 flags.DEFINE_integer("image_size", _DEFAULTS.image_size, "Image side in pixels (multiple of 16).")
 flags.DEFINE_integer("min_objects", _DEFAULTS.min_objects, "Fewest objects per scene.")
@@ -70,7 +71,8 @@ def build_real() -> int:
     data_dir = datasets.data_dir_for(config_lib.default_config(), FLAGS.data_dir)
     start = time.time()
     try:
-        b = tfds_real.prepare(FLAGS.dataset, FLAGS.store_size, data_dir, FLAGS.manual_dir)
+        b = tfds_real.prepare(FLAGS.dataset, FLAGS.store_size, data_dir, FLAGS.manual_dir,
+                              num_workers=max(1, FLAGS.num_workers))
     except FileNotFoundError as e:
         logging.error("%s", e)
         return 2

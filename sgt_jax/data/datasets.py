@@ -113,7 +113,8 @@ def ensure_dataset(cfg, data_dir: str | None = None) -> str:
                     f"dataset {b.info.full_name} is not built in {root} and config field "
                     f"'data.manual_dirs.{name}' is empty; set it to a local copy of the release or run "
                     f"tools/build_dataset.py --dataset={name} --manual_dir=DIR --data_dir={root}")
-            tfds_real.prepare(name, real_image_size(cfg), root, os.path.expanduser(manual))
+            tfds_real.prepare(name, real_image_size(cfg), root, os.path.expanduser(manual),
+                              num_workers=max(1, int(cfg.data.num_workers)))
     if sources:
         tok_dir = tokenizer_dir_for(cfg, root)
         if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):

@@ -33,7 +33,9 @@ def decode_image(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(bytes(data))) as im:
             return np.asarray(im.convert("RGB"), np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError as e:  # its message holds a BytesIO address: keep reasons reproducible
+        raise ValueError("image does not decode: not a recognised image format") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"image does not decode: {type(e).__name__}: {e}") from e
 
 

@@ -17,17 +17,18 @@ Building imports TensorFlow (TFDS's writer); this module imports TFDS only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from sgt_jax.data import real_images, real_layouts
-from sgt_jax.data.real_records import conversation_turns
+from sgt_jax.data import real_examples, real_layouts
 
 VERSION = "1.0.0"
 RELEASE_NOTES = {VERSION: "Letterboxed JPEG images, uint8 id maps, JSON conversation turns."}
+WINDOW = 512  # items converted per round when building with worker processes
 
 
 @dataclasses.dataclass(eq=False)
@@ -50,9 +51,10 @@ class _RealBuilder(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [make_config()]
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Point --manual_dir at a local copy of the release (see real_layouts)."
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, num_workers: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.skipped: dict[str, list[dict]] = {}
+        self.num_workers = int(num_workers)
 
     def _skip(self, split: str, key: str, reason: str) -> None:
         self.skipped.setdefault(split, []).append({"key": key, "reason": reason})
@@ -77,15 +79,32 @@ class _RealBuilder(tfds.core.GeneratorBasedBuilder):
         s = self.builder_config.image_size
         return tfds.features.Tensor(shape=(s, s), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES)
 
-    def _letterbox_image(self, data: bytes) -> tuple[bytes, tuple[int, int]]:
-        image = real_images.decode_image(data)
-        boxed = real_images.letterbox(image, self.builder_config.image_size)
-        return real_images.encode_jpeg(boxed), image.shape[:2]
+    def _convert(self, split: str, items, fn):
+        """Yield (tfds key, example) for `fn(key, item, size)` over items in order, skips counted;
+        with `self.num_workers` > 1 in spawned processes, `WINDOW` items at a time (bounded memory)."""
+        size = self.builder_config.image_size
+        if self.num_workers <= 1:
+            results = (fn(key, item, size) for key, item in items)
+        else:
+            results = self._parallel(items, functools.partial(_apply, fn, size))
+        for status, key, value in results:
+            if status == "ok":
+                yield key, value
+            else:
+                self._skip(split, key, value)
 
-    def _letterbox_ids(self, ids: np.ndarray, height: int, width: int) -> np.ndarray:
-        """Id map -> image resolution -> stored square, nearest-neighbour only; pad = background."""
-        ids = real_images.resize_ids_to_image(ids, height, width)
-        return real_images.letterbox(ids.astype(np.uint8), self.builder_config.image_size, nearest=True, pad_value=0)
+    def _parallel(self, items, fn):
+        import itertools
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(self.num_workers) as pool:
+            it = iter(items)
+            while window := list(itertools.islice(it, WINDOW)):
+                yield from pool.map(fn, window, chunksize=max(1, WINDOW // (4 * self.num_workers)))
+
+
+def _apply(fn, size, key_item):
+    return fn(key_item[0], key_item[1], size)
 
 
 class SamSgt(_RealBuilder):
@@ -104,25 +123,7 @@ class SamSgt(_RealBuilder):
         return {"train": self._generate_examples(str(dl_manager.manual_dir))}
 
     def _generate_examples(self, root: str):
-        for key, item in real_layouts.iter_sam_sgt(root):
-            if "error" in item:
-                self._skip("train", key, item["error"])
-                continue
-            try:
-                jpeg, (h, w) = self._letterbox_image(item["image"])
-                mask = real_images.decode_image(item["mask"])
-            except ValueError as e:
-                self._skip("train", key, f"undecodable: {e}")
-                continue
-            segments = real_images.colour_mask_to_segments(mask)
-            ids, dropped = real_images.order_instances(segments)
-            instance = self._letterbox_ids(ids, h, w)
-            n = len(np.unique(instance[instance > 0]))
-            if n == 0:
-                self._skip("train", key, "no_instance: the mask has no instance")
-                continue
-            yield key, {"key": key, "image": jpeg, "instance": instance, "num_instances": n,
-                        "dropped_instances": dropped, "source_size": np.array([h, w], np.int32)}
+        yield from self._convert("train", real_layouts.iter_sam_sgt(root), real_examples.sam_example)
 
 
 class CocoPanoptic(_RealBuilder):
@@ -145,33 +146,10 @@ class CocoPanoptic(_RealBuilder):
 
     def _generate_examples(self, root: str, split: str):
         categories = real_layouts.coco_categories(root, split)
-        class_index = {int(c["id"]): i + 1 for i, c in enumerate(categories)}
-        is_thing = {int(c["id"]): bool(c.get("isthing", 1)) for c in categories}
-        for key, item in real_layouts.iter_coco_panoptic(root, split):
-            if "error" in item:
-                self._skip(split, key, item["error"])
-                continue
-            try:
-                jpeg, (h, w) = self._letterbox_image(item["image"])
-                seg = real_images.panoptic_ids(real_images.decode_image(item["panoptic"]))
-            except ValueError as e:
-                self._skip(split, key, f"undecodable: {e}")
-                continue
-            infos = item["segments_info"]
-            things = np.array([int(s["id"]) for s in infos
-                               if is_thing.get(int(s["category_id"]), False) and not s.get("iscrowd", 0)], np.int64)
-            ids, dropped = real_images.order_instances(seg, things)
-            semantic = np.zeros(seg.shape, np.uint8)
-            for s in infos:
-                semantic[seg == int(s["id"])] = class_index.get(int(s["category_id"]), 0)
-            instance = self._letterbox_ids(ids, h, w)
-            n = len(np.unique(instance[instance > 0]))
-            if n == 0:
-                self._skip(split, key, "no_instance: no thing instance in the panoptic map")
-                continue
-            yield key, {"key": key, "image": jpeg, "instance": instance,
-                        "semantic": self._letterbox_ids(semantic, h, w), "num_instances": n,
-                        "dropped_instances": dropped, "source_size": np.array([h, w], np.int32)}
+        fn = functools.partial(real_examples.coco_example,
+                               class_index={int(c["id"]): i + 1 for i, c in enumerate(categories)},
+                               is_thing={int(c["id"]): bool(c.get("isthing", 1)) for c in categories})
+        yield from self._convert(split, real_layouts.iter_coco_panoptic(root, split), fn)
 
 
 class LlavaOnevision(_RealBuilder):
@@ -189,43 +167,26 @@ class LlavaOnevision(_RealBuilder):
         return {"train": self._generate_examples(str(dl_manager.manual_dir))}
 
     def _generate_examples(self, root: str):
-        for key, item in real_layouts.iter_llava_onevision(root):
-            if "error" in item:
-                self._skip("train", key, item["error"])
-                continue
-            turns = conversation_turns(item.get("conversations"))
-            if not turns:
-                self._skip("train", key, "empty_conversation: no question/answer turn")
-                continue
-            if item.get("image") is None:
-                self._skip("train", key, "no_image: " + (f"{item['image_name']} not found" if item.get("image_name")
-                                                         else "the record has no image (text-only)"))
-                continue
-            try:
-                jpeg, (h, w) = self._letterbox_image(item["image"])
-            except ValueError as e:
-                self._skip("train", key, f"undecodable: {e}")
-                continue
-            yield item["uid"], {"key": key, "image": jpeg, "turns": json.dumps(turns),
-                                "data_source": item["data_source"], "source_size": np.array([h, w], np.int32)}
+        yield from self._convert("train", real_layouts.iter_llava_onevision(root), real_examples.llava_example)
 
 
 BUILDERS: dict[str, type[_RealBuilder]] = {"sam_sgt": SamSgt, "coco_panoptic": CocoPanoptic,
                                            "llava_onevision": LlavaOnevision}
 
 
-def builder(name: str, image_size: int, data_dir: str) -> _RealBuilder:
-    """The builder of dataset `name` storing images at `image_size`, under `data_dir` (ArrayRecord)."""
+def builder(name: str, image_size: int, data_dir: str, num_workers: int = 1) -> _RealBuilder:
+    """The builder of dataset `name` storing images at `image_size`, under `data_dir` (ArrayRecord);
+    `num_workers` > 1 converts items in that many processes when building."""
     if name not in BUILDERS:
         raise ValueError(f"unknown real dataset {name!r}; allowed: {sorted(BUILDERS)}")
     config = make_config(image_size)
     cls = BUILDERS[name]
     if config.name in {c.name for c in cls.BUILDER_CONFIGS}:
         config = config.name
-    return cls(config=config, data_dir=data_dir, file_format="array_record")
+    return cls(config=config, data_dir=data_dir, file_format="array_record", num_workers=num_workers)
 
 
-def prepare(name: str, image_size: int, data_dir: str, manual_dir: str) -> _RealBuilder:
+def prepare(name: str, image_size: int, data_dir: str, manual_dir: str, num_workers: int = 1) -> _RealBuilder:
     """Build (if not yet built) from the local copy in `manual_dir`; writes skipped.json beside the
     dataset and logs the skip counts. Returns the builder."""
     import os
@@ -233,7 +194,7 @@ def prepare(name: str, image_size: int, data_dir: str, manual_dir: str) -> _Real
     if not manual_dir or not os.path.isdir(manual_dir):
         raise FileNotFoundError(f"manual_dir {manual_dir!r} for dataset {name!r} is not a directory; "
                                 "it must hold a local copy of the release")
-    b = builder(name, image_size, data_dir)
+    b = builder(name, image_size, data_dir, num_workers)
     if b.is_prepared():
         logging.info("dataset %s already built in %s", b.info.full_name, b.data_dir)
         return b
