@@ -2,8 +2,9 @@
 
 Each reads a local copy of the release from TFDS's `manual_dir` (layouts: `real_layouts`),
 letterboxes every image to the config's stored side S (`real_images`), stores it as JPEG bytes,
-and stores masks as uint8 id maps at S (nearest-neighbour, palette-ordered instances). Reading back
-needs no TensorFlow: `builder.as_data_source(split)` + `real_records.RealDecoder`.
+and stores masks as uint8 id maps at S (nearest-neighbour, palette-ordered instances); the per-item
+conversion is `real_examples` (optionally in worker processes). Reading back needs no TensorFlow:
+`builder.as_data_source(split)` + `real_records.RealDecoder`.
 
 Items that cannot become a training record are skipped at build time and counted with their key
 (`builder.skipped`, written to `skipped.json` beside the dataset by `tools/build_dataset.py`):
