@@ -436,3 +436,15 @@ def test_parallel_build_writes_the_same_records(built, sam_root, tmp_path):
     for i in range(5):
         x, y = one[i], two[i]
         assert x["key"] == y["key"] and x["image"] == y["image"] and np.array_equal(x["instance"], y["instance"])
+
+
+def test_build_tool_builds_and_rejects_a_missing_manual_dir(sam_root, tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    tool = os.path.join(REPO, "tools", "build_dataset.py")
+    bad = subprocess.run([sys.executable, tool, "--dataset=sam_sgt", f"--manual_dir={tmp_path / 'nope'}",
+                          f"--data_dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "nope" in bad.stderr
+    good = subprocess.run([sys.executable, tool, "--dataset=sam_sgt", f"--manual_dir={sam_root}", f"--store_size={S}",
+                           f"--data_dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=300)
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert "splits: {'train': 5}" in good.stdout and "'total': 3" in good.stdout

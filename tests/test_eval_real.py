@@ -163,3 +163,11 @@ def test_geneval_export_tool_rejects_bad_flags(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "missing.jsonl" in proc.stderr and "--n_samples=0" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_tool_rejects_a_cvbench_dir_without_the_release(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "evaluate.py"), f"--workdir={tmp_path}",
+                           f"--cvbench_dir={tmp_path / 'cvb'}"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "test.jsonl" in proc.stderr and "cvb" in proc.stderr
