@@ -292,10 +292,8 @@ class SequenceBuilder:
         `understanding`; turns that do not fit after the first are dropped (truncated = 1)."""
         if not turns:
             raise ValueError("conversation needs at least one (question, answer) turn")
-        if len(turns) == 1:
-            return self.understanding(image, turns[0][0], turns[0][1])
         first = self.understanding(image, turns[0][0], turns[0][1])
-        if first["truncated"]:
+        if len(turns) == 1 or first["truncated"]:
             return first
         V = self.layout.num_vit_tokens
         tokens, weights, cut = [self.ids.bos] + self.vit_span(), [0.0] * (3 + V), False
