@@ -94,7 +94,9 @@ def tiny_run(tmp_path_factory):
     cfg = tiny_config(str(root / "tok"))
     tok = tok_lib.build_shapes_tokenizer(str(root / "tok"), cfg, vocab_size=400, num_scenes=12)
     params = random_params(umm_stage.UMMStage(cfg))
-    return umm_eval.UMMRun.from_params(cfg, params["umm"], params["vq"], tok, workdir=str(root / "run"))
+    run = umm_eval.UMMRun.from_params(cfg, params["umm"], params["vq"], tok, workdir=str(root / "run"))
+    run.all_params = params  # the checkpoint test saves them
+    return run
 
 
 def test_cvbench_on_a_tiny_model_both_methods(tiny_run, tmp_path):
@@ -171,3 +173,41 @@ def test_evaluate_tool_rejects_a_cvbench_dir_without_the_release(tmp_path):
                            f"--cvbench_dir={tmp_path / 'cvb'}"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "test.jsonl" in proc.stderr and "cvb" in proc.stderr
+
+
+def test_both_tools_end_to_end_on_a_checkpoint(tiny_run, tmp_path):
+    """tools/evaluate.py --cvbench_dir and tools/geneval_export.py on a saved tiny UMM run."""
+    import jax.numpy as jnp
+
+    from sgt_jax.train.checkpoint import Checkpointer
+    from sgt_jax.train.state import TrainState
+
+    workdir = str(tmp_path / "run")
+    state = TrainState(step=jnp.int32(3), params=tiny_run.all_params, model_state={}, opt_state=jnp.zeros(()),
+                       ema_params=None, consecutive_skips=jnp.int32(0), total_skips=jnp.int32(0))
+    ck = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ck.save(3, state, metadata={"config": tiny_run.cfg.to_json_best_effort(), "stage": "umm"}, force=True)
+    ck.close()
+    rows = _rows()[:4] + _rows()[-2:]
+    cvb = tmp_path / "cvb"
+    for r in rows:
+        os.makedirs(cvb / os.path.dirname(r["filename"]), exist_ok=True)
+        (cvb / r["filename"]).write_bytes(_png(r["idx"]))
+    (cvb / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "evaluate.py"), f"--workdir={workdir}",
+                           f"--cvbench_dir={cvb}"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "run" / "eval" / "cvbench.json").read_text())
+    assert res["step"] == 3 and res["n"] == {"ADE20K": 4, "COCO": 0, "Omni3D": 2} and 0 <= res["accuracy"] <= 1
+    assert "CV-Bench (likelihood, n=6)" in proc.stdout
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    meta.write_text(json.dumps({"tag": "single_object", "include": [{"class": "cat", "count": 1}],
+                                "prompt": "a photo of a cat"}) + "\n")
+    out = tmp_path / "geneval"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "geneval_export.py"), f"--workdir={workdir}",
+                           f"--metadata={meta}", f"--outdir={out}", "--n_samples=2", "--guidance_scale=2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_official_reader(str(out))) == 2
+    assert json.loads((out / "sampling.json").read_text())["step"] == 3
