@@ -253,6 +253,10 @@ def make_dataset(cfg, split: str, transform: Transform | Mapping[str, Transform]
     read = grain.ReadOptions(num_threads=max(1, min(16, os.cpu_count() or 1)),
                              prefetch_buffer_size=max(16, 2 * batch_size))
     it_ds = _SkipInvalidIterDataset(ds.to_iter_dataset(read), max_consecutive_skips)
+    if cfg.data.get("packing", False):  # variable-length text examples share rows (data/packing.py)
+        from sgt_jax.data import packing
+
+        it_ds = packing.pack(it_ds, cfg.data.max_seq_len, num_bins=cfg.data.packing_bins, seed=seed)
     it_ds = it_ds.batch(batch_size, drop_remainder=True)
     num_workers = cfg.data.num_workers if num_workers is None else num_workers
     if num_workers > 0:
