@@ -26,6 +26,7 @@ setup(
         "numpy>=2.0,<3",
         "scipy>=1.13,<2",
         "pillow>=11,<13",
+        "pyarrow>=17,<27",  # LLaVA-OneVision and CV-Bench parquet files
         "matplotlib>=3.9,<4",
         "safetensors>=0.5,<1",
         "tqdm>=4.66,<5",
@@ -36,6 +37,8 @@ setup(
         # too (a 213 MB wheel, ~1 min to install) so tests/test_aot.py compiles for TPU in CI
         # instead of skipping; on a CPU-only host libtpu only adds the compile-only TPU devices.
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "torch==2.13.0", "ruff>=0.6", "jax[tpu]>=0.10.2,<0.13"],
+        # tools/convert_checkpoint.py --janus on the original DeepSeek layout (pytorch_model.bin)
+        "convert": ["torch>=2.4,<3"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
     },
 )

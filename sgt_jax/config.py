@@ -48,6 +48,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.heldout_size = 256
     # Task mixture weights by batch fraction; names in TASKS. SGT default is 2 proxy : 1 VQA.
     c.data.mixture = ml_collections.ConfigDict({"understanding": 1.0})
+    # Real datasets (sgt_jax.data.datasets.REAL_DATASETS): task -> dataset that feeds it (tasks not
+    # named read data.dataset), and dataset -> local copy of its release (TFDS manual_dir, used to
+    # build it on first use). E.g. {"proxy_segmentation": "sam_sgt", "understanding": "llava_onevision"}.
+    c.data.sources = ml_collections.ConfigDict({})
+    c.data.manual_dirs = ml_collections.ConfigDict({})
     c.data.shuffle_seed = 0
     c.data.num_workers = 0  # grain worker processes (0 = in-process)
     c.data.cond_dropout = 0.1  # drop the text condition of t2i / proxy samples (CFG)
@@ -63,7 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
     # ---- model ----
     c.model = ml_collections.ConfigDict()
     c.model.vq = ml_collections.ConfigDict()
-    c.model.vq.family = "vit"  # "vit" | "conv"
+    c.model.vq.family = "vit"  # "vit" | "conv" | "llamagen" (LlamaGen VQ-16 as published, Janus-Pro)
     c.model.vq.codebook_size = 1024
     c.model.vq.code_dim = 8
     c.model.vq.downsample = 8
@@ -81,6 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.vq.usage_decay = 0.99  # EMA decay of per-code usage frequencies
     c.model.vq.decoder_depth = 0  # vit: decoder blocks (0 = depth)
     c.model.vq.num_res_blocks = 1  # conv: resnet blocks per resolution
+    c.model.vq.z_channels = 256  # llamagen: latent channels around quant_conv (Janus-Pro import, issue 8)
     c.model.vq.refine_channels = 0  # vit: full-resolution 3x3 conv head channels (0 = linear patch head)
     # Training images: scene photos and proxy renderings, "kind:weight,..." over render.PROXIES minus mae.
     c.model.vq.target_mix = "reconstruction:1,segmentation:1,semantic:1,depth:1,edge:1"
@@ -113,6 +119,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.umm.vit.select_layer = -1  # hidden state fed to the adapter: 0 = patch embeddings, -1 = last block
     c.model.umm.vit.post_norm = True  # final LayerNorm on the selected state (SigLIP post_layernorm)
     c.model.umm.vit.ln_eps = 1e-6
+    # Janus-Pro import (issue 8): SigLIP-L as timm builds it uses exact GELU; HF SigLIP uses tanh.
+    c.model.umm.vit.gelu_approximate = True
     c.model.umm.mot = False  # BAGEL-style Mixture-of-Transformers weights for generation tokens
     c.model.umm.codebook_size = 1024  # must equal model.vq.codebook_size
     c.model.umm.num_codes = 64  # code positions per generated image: (data.image_size / vq.downsample)^2
@@ -181,6 +189,16 @@ def default_config() -> ml_collections.ConfigDict:
         ("codebook", None),
         ("code_dim", None),
     )
+
+    # ---- scale options of the UMM (issue 10; models/layers.py, models/umm.py, data/packing.py) ----
+    c.train.remat_policy = ""  # "" = follow train.remat ("full" / "none"); else a layers.REMAT_POLICIES name
+    c.model.umm.llm.attention = "xla"  # "xla" | "cudnn" | "splash" | "explicit"; the ViT follows (cudnn -> xla)
+    c.model.umm.llm.scan_unroll = 1  # decoder layers unrolled per nn.scan iteration (compile time vs step time)
+    c.model.umm.loss_chunk = 512  # LM-head positions per cross-entropy tile: [B, L, vocab] logits never exist
+    c.model.umm.text_loss_positions = 0  # LM head on this many text-loss positions per row (0 = all L)
+    c.data.packing = False  # pack variable-length examples into rows with segment ids (data/packing.py)
+    c.data.packing_bins = 8  # open rows of the first-fit packer
+    c.mesh.axis_rules = c.mesh.axis_rules + (("layers", None),)  # the scanned-layer axis of stacked params
 
     # ---- checkpointing ----
     c.checkpoint = ml_collections.ConfigDict()
@@ -265,7 +283,7 @@ def config_module(path: str, relative_to: str | None = None) -> ModuleType:
 # ---------------------------------------------------------------------------------------------
 _CHOICES: dict[str, Sequence[Any]] = {
     "stage": STAGES,
-    "model.vq.family": ("vit", "conv"),
+    "model.vq.family": ("vit", "conv", "llamagen"),
     "model.umm.vit.pos": ("learned", "sincos"),
     "model.vq.recon_loss": ("l1", "l2"),
     "optim.schedule": ("constant", "cosine"),
@@ -274,7 +292,7 @@ _CHOICES: dict[str, Sequence[Any]] = {
     "eval.umm.mcq_method": ("likelihood", "generate", "both"),
 }
 # Dict-valued fields whose keys are free (checked by a semantic rule instead of the schema).
-_FREE_KEYS = ("data.mixture",)
+_FREE_KEYS = ("data.mixture", "data.sources", "data.manual_dirs")
 
 _NUMBER = (int, float)
 
@@ -415,7 +433,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _check_schema(default_config(), cfg, "")
     _check_semantics(cfg, num_devices)
     if cfg.stage == "umm":
-        import sgt_jax.data.sequences  # noqa: F401  (register the sequence-length checks ...)
+        import sgt_jax.data.datasets  # noqa: F401  (register the real data-source checks ...)
+        import sgt_jax.data.sequences  # noqa: F401  (... the sequence-length checks ...)
         import sgt_jax.models.umm  # noqa: F401  (... and the model's)
     for check in _EXTRA_CHECKS:
         check(cfg)

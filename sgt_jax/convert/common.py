@@ -83,6 +83,49 @@ def _read_raw(path: Path, name: str) -> np.ndarray:
     return np.array(data).view(dtype).reshape(info["shape"])
 
 
+class StackedLeaf:
+    """Per-layer tensors not read yet (e.g. the Janus importer's lazy tensors), stacked on demand:
+    `materialize` reads them one at a time into the [depth, ...] array; `sources` lists their keys."""
+
+    def __init__(self, parts: list):
+        self.parts = list(parts)
+        self.shape = (len(self.parts),) + tuple(self.parts[0].shape)
+        self.sources = tuple(getattr(p, "source", None) for p in self.parts)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def materialize(self, dtype=None) -> np.ndarray:
+        first = self.parts[0].materialize(dtype)
+        out = np.empty(self.shape, first.dtype)
+        out[0] = first
+        for i, part in enumerate(self.parts[1:], start=1):
+            out[i] = part.materialize(dtype)
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        return self.materialize(dtype)
+
+
+def stack_layers(layers: list[PyTree]) -> PyTree:
+    """Per-layer trees (HF order) -> one tree with a leading layer axis on every leaf.
+
+    The one place the scanned layout is made: the models run their layers under `nn.scan`
+    (`layers.scanned`), whose parameters are the per-layer ones stacked on axis 0. Lazy leaves
+    (anything with `materialize`) stay lazy as a `StackedLeaf`.
+    """
+    if not layers:
+        raise ValueError("no layers to stack")
+
+    def stack(*xs):
+        if any(hasattr(x, "materialize") for x in xs):
+            return StackedLeaf(list(xs))
+        return np.stack([np.asarray(x) for x in xs])
+
+    return jax.tree_util.tree_map(stack, *layers)
+
+
 def check_tree(converted: PyTree, abstract: PyTree, what: str) -> None:
     """Raise unless `converted` has exactly the paths and shapes of the model's parameter tree."""
     def flat(tree):
@@ -115,17 +158,23 @@ def report_unused(ckpt: HFCheckpoint, keep: Callable[[str], bool], what: str) ->
     return unused
 
 
-def save_for_init_from(out_dir: str | Path, params: PyTree, metadata: dict, step: int = 0) -> Path:
+def save_for_init_from(out_dir: str | Path, params: PyTree, metadata: dict, step: int = 0,
+                       max_host_transfer_gb: int | None = None) -> Path:
     """Write {"params": params} where `init_from.path=out_dir` finds it.
 
     Layout mirrors a training run: <out_dir>/checkpoints/<step>/state (Orbax PyTree) and
-    <out_dir>/checkpoints/<step>/metadata/metadata (JSON).
+    <out_dir>/checkpoints/<step>/metadata/metadata (JSON). `max_host_transfer_gb` bounds the arrays
+    Orbax stages for writing at once (big imports: peak memory stays near one copy of the params).
     """
     import orbax.checkpoint as ocp
 
     step_dir = Path(out_dir).resolve() / "checkpoints" / str(step)
     step_dir.mkdir(parents=True, exist_ok=True)
-    ckptr = ocp.PyTreeCheckpointer()
+    if max_host_transfer_gb is None:
+        ckptr = ocp.PyTreeCheckpointer()
+    else:
+        ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_concurrent_gb=max_host_transfer_gb,
+                                                             save_device_host_concurrent_gb=max_host_transfer_gb))
     ckptr.save(step_dir / "state", {"params": params}, force=True)
     (step_dir / "metadata").mkdir(exist_ok=True)
     (step_dir / "metadata" / "metadata").write_text(json.dumps(metadata, indent=2, sort_keys=True))
