@@ -15,6 +15,7 @@ SHAPE = {  # Janus-Pro-7B
     # One pass per step. TPU compiler (tools/dry_run.py --topology, remat full): v5p-256 at 4 rows per
     # shard in one pass 5.58 GiB/chip of 95; v5p-128 with 8 microbatches 3.26 GiB (README table).
     "grad_accum_steps": 1,
+    "remat": True,
 }
 
 
