@@ -196,15 +196,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.umm.splits = ("test", "heldout")  # Shapes World splits for CV-Bench, GenEval and segmentation
     c.eval.umm.seed = 0  # which scenes / prompts (fixed across runs so runs are comparable)
     c.eval.umm.batch_size = 16
-    c.eval.umm.mcq_items = 48  # multiple-choice items per CV-Bench task and split
+    c.eval.umm.mcq_items = 500  # items per CV-Bench task and split (95% interval ~ +-4 points; demo quick: 64)
     c.eval.umm.mcq_method = "likelihood"  # answer log-likelihood | greedy "generate" + parsing | "both"
-    c.eval.umm.geneval_prompts_per_tag = 8
-    c.eval.umm.geneval_images_per_prompt = 1
+    # Evidence block (issue 12): controls that make a CV-Bench score readable.
+    c.eval.umm.mcq_circular = True  # MMBench CircularEval: ask every rotation of the options
+    c.eval.umm.mcq_blind = True  # blind control: the same items with a flat grey image
+    c.eval.umm.geneval_prompts_per_tag = 50  # GenEval analogue: 50 prompts x 4 images per tag
+    c.eval.umm.geneval_images_per_prompt = 4
     c.eval.umm.guidance_scale = 5.0  # GenEval sampling (Janus defaults: CFG 5, temperature 1)
     c.eval.umm.temperature = 1.0
     c.eval.umm.top_k = 0
     c.eval.umm.top_p = 1.0
-    c.eval.umm.seg_images = 32  # SGT inference image -> instance mask, scored by mIoU
+    c.eval.umm.seg_images = 200  # SGT inference image -> instance mask, scored by mIoU
     c.eval.umm.seg_guidance_scale = 1.0  # CFG on the instruction (the image is never dropped)
     c.eval.umm.seg_temperature = 1.0
     c.eval.umm.seg_top_k = 1  # 1 = greedy masks

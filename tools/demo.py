@@ -31,7 +31,7 @@ _STAGES = flags.DEFINE_list("only", [], "Run just these stages (names as printed
 # short; full uses the configs' defaults (the f=4 VQ that meets the mask bar, 256 codes per image).
 PROFILES = {
     "quick": {"vq": "f8", "base": "vqarg=f8", "post": "vqarg=f8",
-              "eval": ("mcq_items=64", "geneval_prompts_per_tag=8", "seg_images=32")},
+              "eval": ("mcq_items=64", "geneval_prompts_per_tag=8", "geneval_images_per_prompt=1", "seg_images=32")},
     "full": {"vq": "", "base": "", "post": "", "eval": ()},
 }
 
