@@ -303,3 +303,39 @@ def evaluate(run, world: sw.WorldConfig, split: str, *, per_task: int, method: s
     if method == "both":
         res["generate"] = scored("generate")
     return res
+
+
+def constant_baselines(items: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Scores of blind constant strategies on a set of items (pure Python): always letter X, always
+    the smallest / largest number offered (count), always the object named first (depth, distance).
+    On the balanced set each equals the chance rate; a strategy above chance is a blind prior."""
+    def rule(name, pick):
+        return {name: score_predictions(items, [pick(it) for it in items])}
+
+    out: dict[str, dict[str, float]] = {}
+    width = max(len(it["choices"]) for it in items)
+    for k in range(width):
+        out.update(rule(f"always {_LETTERS[k]}", lambda it, k=k: k if k < len(it["choices"]) else None))
+
+    def numeric(it, fn):
+        try:
+            vals = [int(c) for c in it["choices"]]
+        except ValueError:
+            return 0
+        return vals.index(fn(vals))
+
+    out.update(rule("always the smallest number", lambda it: numeric(it, min)))
+    out.update(rule("always the largest number", lambda it: numeric(it, max)))
+
+    def first_named(it):
+        q = it["question"]
+        pos = [q.find(f"the {c}") for c in it["choices"]]
+        pos = [p if p >= 0 else len(q) for p in pos]
+        if it["task"] == "distance":  # the anchor is named first; the candidates follow it
+            anchor_end = q.find(",")
+            pos = [q.find(f"the {c}", anchor_end) for c in it["choices"]]
+        return int(np.argmin(pos))
+
+    out.update(rule("always the object named first", first_named))
+    return {k: {t: v[t] for t in (*CVBENCH_TASKS, "mean") if t in v} | {"chance_mean": v["chance"]["mean"]}
+            for k, v in out.items()}
