@@ -46,8 +46,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.validation_size = 256
     c.data.test_size = 256
     c.data.heldout_size = 256
-    # Task mixture weights by batch fraction; names in TASKS. SGT default is 2 proxy : 1 VQA.
+    # Task mixture weights; names in TASKS. SGT default is 2 proxy : 1 VQA. How the weights apply is
+    # `data.mixing` (evidence block, issue 12): "rows" = every batch mixes rows in these proportions
+    # (grain `mix` interleaves examples); "batches" = whole single-task batches in a fixed cycle, e.g.
+    # 2:1 -> proxy, proxy, VQA, ... (the paper's OmniGen2 code).
     c.data.mixture = ml_collections.ConfigDict({"understanding": 1.0})
+    c.data.mixing = "rows"
     c.data.shuffle_seed = 0
     c.data.num_workers = 0  # grain worker processes (0 = in-process)
     c.data.cond_dropout = 0.1  # drop the text condition of t2i / proxy samples (CFG)
@@ -269,6 +273,7 @@ _CHOICES: dict[str, Sequence[Any]] = {
     "train.compute_dtype": ("float32", "bfloat16"),
     "checkpoint.best_mode": ("max", "min"),
     "eval.umm.mcq_method": ("likelihood", "generate", "both"),
+    "data.mixing": ("rows", "batches"),
 }
 # Dict-valued fields whose keys are free (checked by a semantic rule instead of the schema).
 _FREE_KEYS = ("data.mixture",)
