@@ -1,6 +1,8 @@
 """configs/ablation_shapes.py: the sweep is every proxy x 3 seeds of valid post_shapes configs."""
 import os
 
+import pytest
+
 from sgt_jax.config import PROXIES, config_module, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +24,7 @@ def test_sweep_covers_every_proxy_and_seed():
         want = {"understanding"} if p["proxy"] == "none" else {"understanding", f"proxy_{p['proxy']}"}
         assert set(c.data.mixture.keys()) == want
     # one point by hand, as tools/train.py would load it
-    c = mod.get_config("proxy=depth,seed=2,smoke")
-    assert c.seed == 2 and "proxy_depth" in c.data.mixture
-    plan = mod.run_sweep("runs/base", "runs/ablation", seeds=1, proxies=("edge",), dry_run=True)
-    assert "configs/ablation_shapes.py:proxy=edge,seed=0,base=runs/base --workdir=runs/ablation/edge_s0" in plan
+    c = mod.get_config("proxy=depth,seed=2,smoke,mixing=batches")
+    assert c.seed == 2 and "proxy_depth" in c.data.mixture and c.data.mixing == "batches"
+    with pytest.raises(ValueError, match="mixing"):
+        mod.get_config("proxy=depth,mixing=sometimes")

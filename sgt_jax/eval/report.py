@@ -464,13 +464,134 @@ def write_report(runs: Mapping[str, str], out_path: str, pairs: Sequence[tuple[s
     return md
 
 
-def write_ablation_report(groups: Mapping[str, Sequence[str]], out_path: str) -> str:
-    """Mean ± std over seeds per group {proxy name -> [workdirs]}; returns the markdown."""
+# (part, key, title) of the ablation's summary columns; "cvbench/circular" reads the CircularEval mean
+ABLATION_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("cvbench", "count", "Count"), ("cvbench", "relation", "Relation"), ("cvbench", "depth_order", "Depth"),
+    ("cvbench", "distance", "Distance"), ("cvbench", "mean", "CV-Bench"), ("cvbench", "circular", "CV circular"),
+    ("geneval", "overall", "GenEval"), ("geneval", "strict", "GenEval strict"), ("segmentation", "miou", "Seg mIoU"),
+)
+
+
+def _column_value(m: Mapping[str, Any], split: str, part: str, key: str) -> float:
+    d = _part(m, split, part)
+    if part == "cvbench" and key == "circular":
+        v = (d.get("circular") or {}).get("mean")
+    elif part == "geneval" and key == "strict":
+        v = (d.get("strict") or {}).get("overall")
+    else:
+        v = d.get(key)
+    return float("nan") if v is None else float(v)
+
+
+def _seed_cell(values: Sequence[float]) -> str:
+    si = stats.seed_interval(values)
+    if not si["n"]:
+        return "–"
+    if si["n"] == 1:
+        return f"{_fmt(si['mean'])} (1 seed)"
+    return f"{_fmt(si['mean'])} [{100 * si['lo']:.1f}, {100 * si['hi']:.1f}]"
+
+
+def _pooled(a_runs, b_runs, split, getter) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate paired per-item correctness over seeds (seed s of a with seed s of b; a single
+    run on one side, e.g. the base, pairs with every seed of the other)."""
+    n = max(len(a_runs), len(b_runs))
+    xa, xb = [], []
+    for s in range(n):
+        ma, mb = a_runs[min(s, len(a_runs) - 1)], b_runs[min(s, len(b_runs) - 1)]
+        ga, gb = getter(ma, split), getter(mb, split)
+        if ga is None or gb is None or len(ga) != len(gb):
+            return np.zeros(0, bool), np.zeros(0, bool)
+        xa.append(ga)
+        xb.append(gb)
+    return np.concatenate(xa), np.concatenate(xb)
+
+
+def _cv_items(key):
+    def get(m, split):
+        cv = _part(m, split, "cvbench")
+        return _correct(cv, None, key) if cv.get("per_item") and key in cv["per_item"] else None
+    return get
+
+
+def _ge_items(m, split):
+    pi = _part(m, split, "geneval").get("per_image")
+    return np.asarray(pi["correct"], bool) if pi else None
+
+
+def ablation_comparisons(groups: Mapping[str, Sequence[Mapping[str, Any]]], reference: str,
+                         split: str = "test") -> list[dict[str, Any]]:
+    """Each row against `reference` (SFT only): per measure the mean difference over seeds, the exact
+    McNemar test pooled over seeds and items, the paired t-test over seeds, and the verdict, which is
+    "significant at 95%" only when both tests agree (item noise and training-seed noise)."""
+    ref = groups[reference]
+    out = []
+    measures = (("CV-Bench (all items)", _cv_items("pick"), ("cvbench", "overall")),
+                ("CV-Bench circular", _cv_items("circular"), None),
+                ("GenEval", _ge_items, ("geneval", "overall")))
+    for name, runs in groups.items():
+        if name == reference:
+            continue
+        for label, getter, seed_key in measures:
+            xa, xb = _pooled(runs, ref, split, getter)
+            if not xa.size:
+                continue
+            mc = stats.mcnemar(xa, xb)
+            n = max(len(runs), len(ref))
+            per_seed_a = [float(np.mean(getter(runs[min(s, len(runs) - 1)], split))) for s in range(n)]
+            per_seed_b = [float(np.mean(getter(ref[min(s, len(ref) - 1)], split))) for s in range(n)]
+            pt = stats.paired_t(per_seed_a, per_seed_b) if n >= 2 else {"p": float("nan")}
+            both = mc["verdict"] == stats.SIGNIFICANT and (n < 2 or pt.get("verdict") == stats.SIGNIFICANT)
+            out.append({"row": name, "measure": label, "delta": float(np.mean(per_seed_a) - np.mean(per_seed_b)),
+                        "seeds": n, "items": int(xa.size), "mcnemar_p": mc["p"], "a_only": mc["a_only"],
+                        "b_only": mc["b_only"], "seed_t_p": pt.get("p", float("nan")),
+                        "verdict": stats.SIGNIFICANT if both else stats.NOT_DISTINGUISHABLE})
+        sa = [r for r in runs if _part(r, split, "segmentation").get("per_image_miou")]
+        sb = [r for r in ref if _part(r, split, "segmentation").get("per_image_miou")]
+        if sa and sb:
+            a = np.concatenate([_part(sa[min(s, len(sa) - 1)], split, "segmentation")["per_image_miou"]
+                                for s in range(max(len(sa), len(sb)))]).astype(float)
+            b = np.concatenate([_part(sb[min(s, len(sb) - 1)], split, "segmentation")["per_image_miou"]
+                                for s in range(max(len(sa), len(sb)))]).astype(float)
+            keep = np.isfinite(a) & np.isfinite(b)
+            pb = stats.paired_bootstrap(a[keep], b[keep])
+            out.append({"row": name, "measure": "Seg mIoU (per image)", "delta": pb["delta"], "seeds": max(len(sa), len(sb)),
+                        "items": pb["n"], "ci": [pb["lo"], pb["hi"]], "verdict": pb["verdict"]})
+    return out
+
+
+def ablation_markdown(groups: Mapping[str, Sequence[Mapping[str, Any]]], reference: str | None = None,
+                      split: str = "test") -> str:
+    """The proxy ablation: rows {title: [metrics per seed]} with mean and 95% t-interval across seeds,
+    then every row against `reference` with the paired tests and a verdict."""
+    head = "| row | seeds | " + " | ".join(c[2] for c in ABLATION_COLUMNS) + " |"
+    lines = [head, "|---|---:|" + "---|" * len(ABLATION_COLUMNS)]
+    for name, runs in groups.items():
+        cells = [_seed_cell([_column_value(m, split, p, k) for m in runs]) for p, k, _ in ABLATION_COLUMNS]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    md = ["Mean over seeds with its 95% Student-t interval across seeds (percent).", "", "\n".join(lines), ""]
+    if reference and reference in groups:
+        rows = ablation_comparisons(groups, reference, split)
+        t = ["| row | measure | Δ vs " + reference + " (points) | seeds | items (pooled) | McNemar p | seed t-test p | "
+             "verdict |", "|---|---|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            if "ci" in r:
+                t.append(f"| {r['row']} | {r['measure']} | {100 * r['delta']:+.1f} [{100 * r['ci'][0]:+.1f}, "
+                         f"{100 * r['ci'][1]:+.1f}] | {r['seeds']} | {r['items']} | paired bootstrap | – | {r['verdict']} |")
+            else:
+                tp = r["seed_t_p"]
+                t.append(f"| {r['row']} | {r['measure']} | {100 * r['delta']:+.1f} | {r['seeds']} | {r['items']} | "
+                         f"{r['mcnemar_p']:.3g} | {'–' if not math.isfinite(tp) else f'{tp:.3g}'} | {r['verdict']} |")
+        md += [f"Paired against {reference} on the same items: exact McNemar over items pooled across seeds "
+               "(seed s against seed s) and the paired t-test over seeds; the verdict is 'significant at 95%' only "
+               "when both are (with one seed, McNemar alone).", "", "\n".join(t), ""]
+    return "\n".join(md)
+
+
+def write_ablation_report(groups: Mapping[str, Sequence[str]], out_path: str, reference: str | None = None) -> str:
+    """`ablation_markdown` over {row: [workdirs or metrics.json paths]} written to `out_path`."""
     metrics = {name: [read_metrics(d) for d in dirs] for name, dirs in groups.items()}
-    md = ["## Proxy ablation on Shapes World (test split, mean ± std over seeds)", "", ablation_table(metrics, "test"), ""]
-    if any("heldout" in (m.get("splits") or {}) for runs in metrics.values() for m in runs):
-        md += ["## Held-out compositional split", "", ablation_table(metrics, "heldout"), ""]
-    md = "\n".join(md)
+    md = "## Proxy ablation on Shapes World (test split)\n\n" + ablation_markdown(metrics, reference, "test")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
         f.write(md + "\n")
