@@ -7,7 +7,11 @@ object list by rules that the scorers (`sgt_jax.eval.mcq`, `sgt_jax.eval.geneval
 Referring expressions: (colour, shape) pairs are unique within a scene, so "the red star" names one
 object. Geometry used by the questions:
 * 2D relation: GenEval's position rule on visible boxes (`geneval.relative_position`); only pairs where
-  the relation holds are asked, so the answer is visible.
+  exactly one relation holds are asked, with the four options left / right / above / below every time,
+  so the answer is visible and the option set does not give the axis away.
+* count: "how many <shape>s" offers 0, 1, 2; "how many objects" offers four consecutive numbers.
+  Options ascending. The evaluation set (`balanced_mcq_items`) fills exact quotas so the truth is
+  uniform over the offered numbers and every constant answer scores the chance rate.
 * depth order ("closer to the camera"): smaller depth; only pairs whose depths differ by >= 0.1.
 * relative distance ("closer to X"): Euclidean distance between (centre_x / S, centre_y / S, depth);
   asked only when the farther candidate is >= 1.3x as far as the nearer one.

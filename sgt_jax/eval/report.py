@@ -468,14 +468,15 @@ def write_report(runs: Mapping[str, str], out_path: str, pairs: Sequence[tuple[s
 ABLATION_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("cvbench", "count", "Count"), ("cvbench", "relation", "Relation"), ("cvbench", "depth_order", "Depth"),
     ("cvbench", "distance", "Distance"), ("cvbench", "mean", "CV-Bench"), ("cvbench", "circular", "CV circular"),
+    ("cvbench", "blind", "CV blind"),
     ("geneval", "overall", "GenEval"), ("geneval", "strict", "GenEval strict"), ("segmentation", "miou", "Seg mIoU"),
 )
 
 
 def _column_value(m: Mapping[str, Any], split: str, part: str, key: str) -> float:
     d = _part(m, split, part)
-    if part == "cvbench" and key == "circular":
-        v = (d.get("circular") or {}).get("mean")
+    if part == "cvbench" and key in ("circular", "blind"):
+        v = (d.get(key) or {}).get("mean")
     elif part == "geneval" and key == "strict":
         v = (d.get("strict") or {}).get("overall")
     else:

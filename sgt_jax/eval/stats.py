@@ -108,15 +108,20 @@ def verdict(p: float, alpha: float = ALPHA) -> str:
     return SIGNIFICANT if math.isfinite(p) and p < alpha else NOT_DISTINGUISHABLE
 
 
-def seed_interval(values: Iterable[float], level: float = 0.95) -> dict[str, float]:
-    """Mean across seeds with a Student-t interval (nan interval with one seed)."""
+def seed_interval(values: Iterable[float], level: float = 0.95,
+                  bounds: tuple[float, float] | None = (0.0, 1.0)) -> dict[str, float]:
+    """Mean across seeds with a Student-t interval (nan interval with one seed), clipped to `bounds`
+    (scores are rates in [0, 1])."""
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], float)
     if not v.size:
         return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
     if v.size == 1:
         return {"mean": float(v[0]), "lo": float("nan"), "hi": float("nan"), "n": 1}
     half = float(sps.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
-    return {"mean": float(v.mean()), "lo": float(v.mean() - half), "hi": float(v.mean() + half), "n": int(v.size)}
+    lo, hi = float(v.mean() - half), float(v.mean() + half)
+    if bounds is not None:
+        lo, hi = max(bounds[0], lo), min(bounds[1], hi)
+    return {"mean": float(v.mean()), "lo": lo, "hi": hi, "n": int(v.size)}
 
 
 def paired_t(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
