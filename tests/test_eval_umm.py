@@ -216,4 +216,23 @@ def test_report_with_plots(tiny, tmp_path):
     assert "| +SFT | ![+SFT geneval](r1/eval/geneval_test.png) | ![+SFT segmentation](r1/eval/segmentation_test.png) |" in md
     abl = report.write_ablation_report({"segmentation": list(dirs.values()), "none": [dirs["base"]]},
                                        str(tmp_path / "ablation.md"))
-    assert "20.0 ± 10.0" in abl and "(n=3)" in abl
+    assert "| segmentation | 3 | " in abl and "20.0 [0.0, 44.8]" in abl  # mean and t interval over 3 seeds
+    # the report carries intervals, the blind control, CircularEval and paired verdicts on the same items
+    assert "accuracy [95% CI]" in md and "blind (grey image)" in md and "circular (chance)" in md
+    paired = [line for line in md.splitlines() if line.startswith("| +SFT+SGT vs +SFT |")]
+    assert paired and all(("not distinguishable" in line) or ("significant at 95%" in line) for line in paired)
+    assert "Sample sizes: 3 items per CV-Bench task" in md
+
+
+def test_demo_report_points_to_the_full_result(tmp_path):
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("demo_tool", os.path.join(root, "tools", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    sys.modules["demo_tool"] = demo
+    spec.loader.exec_module(demo)
+    lines = "\n".join(demo.ablation_pointer())
+    assert "results/shapes_ablation/" in lines
+    done = os.path.exists(os.path.join(root, "results", "shapes_ablation", "report.md"))
+    assert ("NOT been run yet" in lines) != done
