@@ -133,6 +133,23 @@ def cvbench_detail(metrics: Mapping[str, Mapping[str, Any]], split: str = "test"
     return "\n".join(lines)
 
 
+def visual_summary(metrics: Mapping[str, Mapping[str, Any]], split: str = "test") -> list[str]:
+    """One plain line per run: on which tasks the blind control scores the same as the sighted model."""
+    out = []
+    for name, m in metrics.items():
+        vis = _part(m, split, "cvbench").get("visual") or {}
+        if not vis:
+            continue
+        blind = [_TASK_NAMES[t] for t in CVBENCH_TASKS if t in vis and vis[t]["says"].startswith("blind ≈ sighted")]
+        seeing = [_TASK_NAMES[t] for t in CVBENCH_TASKS if t in vis and vis[t]["says"].startswith("uses the image")]
+        if len(blind) == len(vis):
+            out.append(f"- **{name}: blind ≈ sighted on every task: learned nothing visual.**")
+        else:
+            out.append(f"- {name}: uses the image on {', '.join(seeing) or 'no task'}; blind ≈ sighted (learned "
+                       f"nothing visual) on {', '.join(blind) or 'no task'}.")
+    return out
+
+
 def generation_detail(metrics: Mapping[str, Mapping[str, Any]], split: str = "test") -> str:
     """GenEval per tag with Wilson 95% intervals, the strict score beside it, and segmentation mIoU with
     its bootstrap interval and the VQ's reconstruction ceiling."""
@@ -396,8 +413,9 @@ def evidence_sections(metrics: Mapping[str, Mapping[str, Any]], pairs: Sequence[
     if note:
         md += [note, ""]
     if any(_part(m, split, "cvbench") for m in metrics.values()):
-        md += [f"### CV-Bench analogue: intervals, chance, blind control, CircularEval ({split} split)", "",
-               cvbench_detail(metrics, split), "",
+        md += [f"### CV-Bench analogue: intervals, chance, blind control, CircularEval ({split} split)", ""]
+        md += visual_summary(metrics, split) + [""]
+        md += [cvbench_detail(metrics, split), "",
                "Blind = the same items with the image replaced by flat grey. Circular = MMBench CircularEval "
                "(right only if right under every rotation of the options; a constant letter scores 0). "
                "Sighted vs blind: exact McNemar test on the same items.", ""]
