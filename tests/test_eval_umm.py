@@ -234,5 +234,6 @@ def test_demo_report_points_to_the_full_result(tmp_path):
     spec.loader.exec_module(demo)
     lines = "\n".join(demo.ablation_pointer())
     assert "results/shapes_ablation/" in lines
-    done = os.path.exists(os.path.join(root, "results", "shapes_ablation", "report.md"))
-    assert ("NOT been run yet" in lines) != done
+    summary = os.path.join(root, "results", "shapes_ablation", "summary.json")
+    full = os.path.exists(summary) and json.load(open(summary)).get("profile") == "full"
+    assert ("NOT been run yet" in lines) != full

@@ -121,9 +121,17 @@ def run_stages(workdir: str, stages: list[Stage]) -> dict[str, float]:
 
 def ablation_pointer() -> list[str]:
     """The demo's closing lines: where the full, multi-seed result lives (or that it is not there yet)."""
-    done = os.path.join(ROOT, "results", "shapes_ablation", "report.md")
+    summary = os.path.join(ROOT, "results", "shapes_ablation", "summary.json")
     lines = ["## The full result", ""]
-    if os.path.exists(done):
+    info = {}
+    if os.path.exists(summary):
+        with open(summary) as f:
+            info = json.load(f)
+    if info and (info.get("profile") != "full" or int(info.get("seeds", 0)) < 3):
+        lines.append(f"`results/shapes_ablation/` holds a {info.get('profile')} run with {info.get('seeds')} seed(s), "
+                     "not the full result; the full ablation (full profile, 3 seeds) has NOT been run yet: "
+                     "`python tools/ablation.py` writes it there.")
+    elif info:
         lines.append("This demo is one seed of small models with a small evaluation; its differences are read with the "
                      "paired verdicts above, not the deltas. The full result (every proxy, 3 seeds, 500 items a task, "
                      "intervals across seeds and paired tests) is in `results/shapes_ablation/report.md`.")

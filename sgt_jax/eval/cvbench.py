@@ -194,9 +194,8 @@ def score_predictions(items: Sequence[Mapping[str, Any]], picks: Sequence[int | 
     out["chance"]["overall"] = float(np.mean([c for t in present for c in chance[t]])) if present else float("nan")
     out["ci"] = {t: list(stats.wilson(int(np.sum(per[t])), len(per[t]))) for t in present}
     out["ci"]["overall"] = list(stats.wilson(int(np.sum(flat)), len(flat))) if flat else [float("nan")] * 2
-    if present:  # the mean of independent task accuracies: normal interval from their variances
-        var = sum(out[t] * (1 - out[t]) / len(per[t]) for t in present) / len(present) ** 2
-        out["ci"]["mean"] = [out["mean"] - stats.Z95 * var ** 0.5, out["mean"] + stats.Z95 * var ** 0.5]
+    if present:  # the tasks have equal item counts, so the mean is the pooled rate: its Wilson interval
+        out["ci"]["mean"] = list(stats.wilson(int(round(out["mean"] * len(flat))), len(flat)))
     out["letters"] = {t: stats.letter_distribution(picked[t], widths[t]) for t in present}
     return out
 

@@ -115,8 +115,10 @@ def score(results: Iterable[Mapping[str, Any]], intervals: bool = False) -> dict
     out["overall"] = float(np.mean([out[t] for t in tags])) if tags else float("nan")
     if intervals and tags:
         out["ci"] = {t: list(stats.wilson(int(np.sum(per[t])), len(per[t]))) for t in tags}
-        var = sum(out[t] * (1 - out[t]) / len(per[t]) for t in tags) / len(tags) ** 2
-        out["ci"]["overall"] = [out["overall"] - stats.Z95 * var ** 0.5, out["overall"] + stats.Z95 * var ** 0.5]
+        # overall = mean of equal-sized tags = the pooled rate: Wilson on all images (no degenerate
+        # zero-width interval at 0 or 1)
+        flat = [x for t in tags for x in per[t]]
+        out["ci"]["overall"] = list(stats.wilson(int(np.sum(flat)), len(flat)))
         out["n"] = {t: len(per[t]) for t in tags}
     return out
 
