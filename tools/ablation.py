@@ -81,9 +81,11 @@ def _ratio_name(r: float) -> str:
 
 
 def make_plan(work: str, profile: str, *, rows: Sequence[str], seeds: int, ratios: Sequence[float],
-              equal_vqa: bool, mixing: str, base: str | None = None, python: str = sys.executable) -> Plan:
+              equal_vqa: bool, mixing: str, base: str | None = None, python: str = sys.executable,
+              eval_overrides: Sequence[str] = ()) -> Plan:
     """Every stage in order, and where each row's runs live."""
-    p = PROFILES[profile]
+    p = dict(PROFILES[profile])
+    p["eval"] = (*p["eval"], *eval_overrides)
     data = os.path.join(work, "data")
     common = [f"--config.data.data_dir={data}", *p["train_flags"]]
     stages: list[Stage] = []
@@ -143,7 +145,6 @@ def make_plan(work: str, profile: str, *, rows: Sequence[str], seeds: int, ratio
 
 def _post_steps(post_arg: str) -> int:
     """Steps of one post-training run at this profile (SFT only and every proxy train the same)."""
-    sys.path.insert(0, ROOT)
     from sgt_jax.config import config_module
 
     mod = config_module(os.path.join(ROOT, "configs", "ablation_shapes.py"))
@@ -226,6 +227,9 @@ def write_results(out: str, plan: Plan, command: list[str], timings: dict[str, f
           "in the proxy task. Test split.", ""]
     if groups:
         md += ["## Rows", "", report.ablation_markdown(groups, ref, "test"), ""]
+        if any("heldout" in (m.get("splits") or {}) for ms in groups.values() for m in ms):
+            md += ["## Rows on the held-out compositional split (colour x shape pairs unseen in training)", "",
+                   report.ablation_markdown(groups, ref, "heldout"), ""]
         first = next(iter(groups.values()))[0]
         note = report.interval_note({"x": first}, "test")
         if note:
@@ -317,6 +321,8 @@ def parse_args(argv: Sequence[str] | None):
                     help="also run SGT with 3x steps (as many VQA rows as SFT only)")
     ap.add_argument("--mixing", default="batches", help="rows | batches (data.mixing of every post-training run)")
     ap.add_argument("--base", default=None, help="reuse this base UMM workdir (skips data, VQ and base training)")
+    ap.add_argument("--eval", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="extra eval.umm overrides for every evaluation, e.g. mcq_items=300 splits=('test',)")
     ap.add_argument("--dry_run", action="store_true", help="print the plan and exit")
     args = ap.parse_args(argv)
     if args.profile not in PROFILES:
@@ -337,6 +343,13 @@ def parse_args(argv: Sequence[str] | None):
         ap.error(f"--mixing={args.mixing!r} is not allowed; allowed: ['rows', 'batches']")
     if args.base is not None and not os.path.isdir(os.path.join(args.base, "checkpoints")):
         ap.error(f"--base={args.base!r} has no checkpoints/ directory (train a base first or drop --base)")
+    if args.eval:
+        from sgt_jax.eval.umm_eval import parse_overrides
+
+        try:
+            parse_overrides(args.eval)
+        except ValueError as e:
+            ap.error(f"--eval: {e}")
     args.rows, args.ratios = rows, ratios
     return args
 
@@ -345,7 +358,7 @@ def main(argv: Sequence[str] | None = None, runner: Callable[[list[str]], int] |
     args = parse_args(argv)
     out, work = os.path.abspath(args.out), os.path.abspath(args.work)
     plan = make_plan(work, args.profile, rows=args.rows, seeds=args.seeds, ratios=args.ratios,
-                     equal_vqa=args.equal_vqa, mixing=args.mixing, base=args.base)
+                     equal_vqa=args.equal_vqa, mixing=args.mixing, base=args.base, eval_overrides=args.eval)
     if args.dry_run:
         for s in plan.stages:
             print(f"{s.name}: {' '.join(s.argv[1:])}")
