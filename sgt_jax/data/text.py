@@ -380,12 +380,17 @@ def mcq_cells(task: str, per_task: int, cfg=None) -> dict[tuple, int]:
     """Quota per cell of the balanced evaluation set. A cell fixes what a blind model could exploit:
     count (kind, window start, truth): half shape counts, half object counts, truth uniform over the
     offered numbers; relation (truth): uniform over the four options; depth_order / distance (answer
-    letter, right object named first): uniform over the four combinations."""
+    letter, right object named first): uniform over the four combinations.
+
+    Exact balance needs a world whose object counts span >= COUNT_OPTIONS values (the default 1..4)
+    and max_objects >= SHAPE_COUNT_MAX; in smaller worlds the truth cannot take every offered number,
+    and `tools/mcq_baselines.py` shows the resulting blind prior."""
     wcfg = _world_cfg(cfg)
     if task == "count":
         shape_n, objects_n = _split_evenly(int(per_task), 2)
         cells = {}
-        for v, q in zip(range(SHAPE_COUNT_MAX + 1), _split_evenly(shape_n, SHAPE_COUNT_MAX + 1), strict=True):
+        shape_values = range(min(SHAPE_COUNT_MAX, wcfg.max_objects) + 1)
+        for v, q in zip(shape_values, _split_evenly(shape_n, len(shape_values)), strict=True):
             cells[("shape", 0, v)] = q
         los = list(range(wcfg.min_objects, max(wcfg.min_objects, wcfg.max_objects - COUNT_OPTIONS + 1) + 1))
         for lo, q_lo in zip(los, _split_evenly(objects_n, len(los)), strict=True):
