@@ -102,7 +102,7 @@ def evaluate_image(image: np.ndarray, spec: Mapping[str, Any],
 
 def score(results: Iterable[Mapping[str, Any]], intervals: bool = False) -> dict[str, Any]:
     """Per-tag mean of the binary image scores and `overall` = unweighted mean over the tags present.
-    With `intervals`: `ci` {tag: Wilson 95% [lo, hi], overall: from the per-tag variances} and `n`.
+    With `intervals`: `ci` {tag: Wilson 95% [lo, hi], overall: Wilson over all images} and `n`.
     (Images of one prompt are not independent; with several images per prompt the interval is a
     little narrow, which the report states.)"""
     from sgt_jax.eval import stats
