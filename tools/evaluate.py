@@ -64,6 +64,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = _CONFIG.value
     from sgt_jax.config import validate
+    from sgt_jax.train import checkpoint as ckpt_lib
+
+    try:  # a missing or empty --workdir is named as such, before any --config question
+        ckpt_lib.check_run_dir(_WORKDIR.value, _STEP.value)
+    except ckpt_lib.RunDirError as e:
+        logging.error("%s", e)
+        return 2
 
     if cfg is None:  # no --config: the stage the checkpoint was written by (UMM runs carry their config)
         from sgt_jax.eval import umm_eval
