@@ -1,11 +1,13 @@
 """VQ image tokenizer: encoder -> l2-normalised low-dimensional codebook -> decoder (Flax Linen).
 
-One quantiser, two encoder/decoder families chosen by `cfg.model.vq.family`:
+One quantiser, three encoder/decoder families chosen by `cfg.model.vq.family`:
 - `vit`: a patch transformer (ViT-VQGAN / UViM style). Cheap on CPU and global from layer one, which
   lets the decoder place sharp mask edges from the context of neighbouring codes.
 - `conv`: a LlamaGen / taming style conv net (resnet blocks, channel multipliers). Resampling uses
   space-to-depth + conv and nearest-resize + conv only: on XLA:CPU the input gradient of strided
   convolutions and ConvTranspose is ~20x slower than a stride-1 conv.
+- `llamagen`: LlamaGen's VQ-16 exactly as published (Janus-Pro's generation tokenizer), in
+  `llamagen_vq.py`, so converted Janus-Pro weights run unchanged.
 
 The quantiser follows LlamaGen: encoder outputs and codes live on the unit sphere of a small
 (8-16 dim) space, nearest code = highest cosine similarity, straight-through gradients, codebook +
@@ -44,6 +46,7 @@ class VQSpec:
     channel_mult: tuple[int, ...] = (1, 2, 2, 4)
     num_res_blocks: int = 1
     refine_channels: int = 0  # vit only: a full-resolution 3x3 conv head after the patch decoder
+    z_channels: int = 256  # llamagen only: latent channels around quant_conv / post_quant_conv
     beta: float = 0.25
 
     @property
@@ -64,7 +67,7 @@ def spec_from_config(cfg) -> VQSpec:
         decoder_depth=int(v.get("decoder_depth", 0)), num_heads=int(v.num_heads),
         mlp_ratio=int(v.mlp_ratio), channel_mult=tuple(int(m) for m in v.channel_mult),
         num_res_blocks=int(v.get("num_res_blocks", 1)), refine_channels=int(v.get("refine_channels", 0)),
-        beta=float(v.beta))
+        z_channels=int(v.get("z_channels", 256)), beta=float(v.beta))
     check_spec(spec)
     return spec
 
@@ -73,17 +76,23 @@ def check_spec(spec: VQSpec) -> None:
     """Raise ValueError naming the field when a spec cannot be built."""
     if spec.image_size % spec.downsample:
         raise ValueError(f"model.vq.downsample={spec.downsample} must divide data.image_size={spec.image_size}")
-    if spec.family == "conv":
+    if spec.family in ("conv", "llamagen"):
         levels = int(round(math.log2(spec.downsample)))
         if 2 ** levels != spec.downsample or len(spec.channel_mult) != levels + 1:
             raise ValueError(
                 f"model.vq.channel_mult={spec.channel_mult} needs log2(downsample)+1 = {levels + 1} entries "
-                f"for the conv family with downsample={spec.downsample}")
+                f"for the {spec.family} family with downsample={spec.downsample}")
+        if spec.family == "llamagen":
+            bad = [spec.width * m for m in spec.channel_mult if (spec.width * m) % 32] + \
+                ([spec.z_channels] if spec.z_channels % 32 else [])
+            if bad:
+                raise ValueError(f"model.vq.width={spec.width} x channel_mult={spec.channel_mult} and "
+                                 f"z_channels={spec.z_channels} must be multiples of 32 (GroupNorm(32)); got {bad}")
     elif spec.family == "vit":
         if spec.width % spec.num_heads:
             raise ValueError(f"model.vq.width={spec.width} must be divisible by num_heads={spec.num_heads}")
     else:
-        raise ValueError(f"model.vq.family={spec.family!r}; allowed: ['vit', 'conv']")
+        raise ValueError(f"model.vq.family={spec.family!r}; allowed: ['vit', 'conv', 'llamagen']")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +360,11 @@ class VQModel(nn.Module):
         s = self.spec
         if s.family == "vit":
             self.encoder, self.decoder = ViTEncoder(s, self.dtype), ViTDecoder(s, self.dtype)
+        elif s.family == "llamagen":
+            from sgt_jax.models import llamagen_vq
+
+            self.encoder = llamagen_vq.Encoder(s, self.dtype)
+            self.decoder = llamagen_vq.Decoder(s, self.dtype)
         else:
             self.encoder, self.decoder = ConvEncoder(s, self.dtype), ConvDecoder(s, self.dtype)
         self.quantizer = Quantizer(s.codebook_size, s.code_dim)
