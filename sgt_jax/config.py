@@ -52,6 +52,11 @@ def default_config() -> ml_collections.ConfigDict:
     # 2:1 -> proxy, proxy, VQA, ... (the paper's OmniGen2 code).
     c.data.mixture = ml_collections.ConfigDict({"understanding": 1.0})
     c.data.mixing = "rows"
+    # Real datasets (sgt_jax.data.datasets.REAL_DATASETS): task -> dataset that feeds it (tasks not
+    # named read data.dataset), and dataset -> local copy of its release (TFDS manual_dir, used to
+    # build it on first use). E.g. {"proxy_segmentation": "sam_sgt", "understanding": "llava_onevision"}.
+    c.data.sources = ml_collections.ConfigDict({})
+    c.data.manual_dirs = ml_collections.ConfigDict({})
     c.data.shuffle_seed = 0
     c.data.num_workers = 0  # grain worker processes (0 = in-process)
     c.data.cond_dropout = 0.1  # drop the text condition of t2i / proxy samples (CFG)
@@ -279,7 +284,7 @@ _CHOICES: dict[str, Sequence[Any]] = {
     "data.mixing": ("rows", "batches"),
 }
 # Dict-valued fields whose keys are free (checked by a semantic rule instead of the schema).
-_FREE_KEYS = ("data.mixture",)
+_FREE_KEYS = ("data.mixture", "data.sources", "data.manual_dirs")
 
 _NUMBER = (int, float)
 
@@ -418,7 +423,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _check_schema(default_config(), cfg, "")
     _check_semantics(cfg, num_devices)
     if cfg.stage == "umm":
-        import sgt_jax.data.sequences  # noqa: F401  (register the sequence-length checks ...)
+        import sgt_jax.data.datasets  # noqa: F401  (register the real data-source checks ...)
+        import sgt_jax.data.sequences  # noqa: F401  (... the sequence-length checks ...)
         import sgt_jax.models.umm  # noqa: F401  (... and the model's)
     for check in _EXTRA_CHECKS:
         check(cfg)

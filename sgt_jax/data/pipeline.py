@@ -26,17 +26,21 @@ from sgt_jax.data import records
 
 Transform = Callable[[dict, np.random.Generator], dict]
 SKIP_CATEGORIES = ("undecodable", "missing_field", "bad_dtype", "bad_shape", "empty_objects", "bad_objects",
-                   "inconsistent_maps", "other")
+                   "inconsistent_maps", "no_instance", "empty_conversation", "other")
 _STATE_KEY = "sgt_skipped"
 
 
 @dataclasses.dataclass(frozen=True)
 class RecordSource:
-    """Random-access raw records and their TF-free deserializer; picklable for grain workers."""
+    """Random-access raw records and their TF-free deserializer; picklable for grain workers.
+
+    `decode(raw, fallback_key) -> record | records.Invalid`, when set, replaces the Shapes World
+    deserialize + validate (real datasets: `real_records.RealDecoder`)."""
 
     raw: Sequence[bytes]
     deserialize: Callable[[bytes], Mapping[str, Any]]
     name: str
+    decode: Callable[[bytes, str], Any] | None = None
 
     @classmethod
     def from_tfds(cls, data_source, name: str) -> "RecordSource":
@@ -65,6 +69,8 @@ class _ValidatedSource:
             raw = self._source.raw[index]
         except Exception as e:  # an unreadable chunk is one bad record, not a dead run
             return records.Invalid(fallback, f"undecodable: read failed: {type(e).__name__}: {e}")
+        if self._source.decode is not None:
+            return self._source.decode(raw, fallback)
         return records.decode_and_validate(raw, self._source.deserialize, fallback, image_size=self._image_size)
 
     def __repr__(self) -> str:  # grain uses it in pipeline summaries
