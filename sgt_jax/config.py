@@ -188,6 +188,16 @@ def default_config() -> ml_collections.ConfigDict:
         ("code_dim", None),
     )
 
+    # ---- scale options of the UMM (issue 10; models/layers.py, models/umm.py, data/packing.py) ----
+    c.train.remat_policy = ""  # "" = follow train.remat ("full" / "none"); else a layers.REMAT_POLICIES name
+    c.model.umm.llm.attention = "xla"  # "xla" | "cudnn" | "splash" | "explicit"; the ViT follows (cudnn -> xla)
+    c.model.umm.llm.scan_unroll = 1  # decoder layers unrolled per nn.scan iteration (compile time vs step time)
+    c.model.umm.loss_chunk = 512  # LM-head positions per cross-entropy tile: [B, L, vocab] logits never exist
+    c.model.umm.text_loss_positions = 0  # LM head on this many text-loss positions per row (0 = all L)
+    c.data.packing = False  # pack variable-length examples into rows with segment ids (data/packing.py)
+    c.data.packing_bins = 8  # open rows of the first-fit packer
+    c.mesh.axis_rules = c.mesh.axis_rules + (("layers", None),)  # the scanned-layer axis of stacked params
+
     # ---- checkpointing ----
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500

@@ -328,17 +328,23 @@ def make_dataset(cfg, split: str, transform: Transform | Mapping[str, Transform]
              for t in names]
     read = grain.ReadOptions(num_threads=max(1, min(16, os.cpu_count() or 1)),
                              prefetch_buffer_size=max(16, 2 * batch_size))
+
+    def batched(ds):  # skip invalid records, optionally pack text rows, batch with a static shape
+        stream = _SkipInvalidIterDataset(ds.to_iter_dataset(read), max_consecutive_skips)
+        if cfg.data.get("packing", False):  # variable-length text examples share rows (data/packing.py)
+            from sgt_jax.data import packing
+
+            stream = packing.pack(stream, cfg.data.max_seq_len, num_bins=cfg.data.packing_bins, seed=seed)
+        return stream.batch(batch_size, drop_remainder=True)
+
     mixing = str(cfg.data.get("mixing", "rows"))
     if mixing not in ("rows", "batches"):
         raise ValueError(f"config field 'data.mixing' = {mixing!r} is not allowed; allowed: ['rows', 'batches']")
     if mixing == "batches" and len(parts) > 1:
-        batched = {t: _SkipInvalidIterDataset(p.to_iter_dataset(read), max_consecutive_skips).batch(
-            batch_size, drop_remainder=True) for t, p in zip(names, parts, strict=True)}
-        it_ds = interleave_batches(batched, {t: weights[t] for t in names})
+        it_ds = interleave_batches({t: batched(p) for t, p in zip(names, parts, strict=True)},
+                                   {t: weights[t] for t in names})
     else:
-        ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [weights[t] for t in names])
-        it_ds = _SkipInvalidIterDataset(ds.to_iter_dataset(read), max_consecutive_skips)
-        it_ds = it_ds.batch(batch_size, drop_remainder=True)
+        it_ds = batched(parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [weights[t] for t in names]))
     num_workers = cfg.data.num_workers if num_workers is None else num_workers
     if num_workers > 0:
         from absl import flags
