@@ -53,15 +53,17 @@ class EvalSettings:
     splits: tuple[str, ...] = ("test", "heldout")
     seed: int = 0
     batch_size: int = 16
-    mcq_items: int = 48
+    mcq_items: int = 500
     mcq_method: str = "likelihood"
-    geneval_prompts_per_tag: int = 8
-    geneval_images_per_prompt: int = 1
+    mcq_circular: bool = True
+    mcq_blind: bool = True
+    geneval_prompts_per_tag: int = 50
+    geneval_images_per_prompt: int = 4
     guidance_scale: float = 5.0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    seg_images: int = 32
+    seg_images: int = 200
     seg_guidance_scale: float = 1.0
     seg_temperature: float = 1.0
     seg_top_k: int = 1
@@ -280,7 +282,8 @@ def evaluate(run: UMMRun, settings: EvalSettings | None = None, *,
         res: dict[str, Any] = {}
         if "cvbench" in s.parts:
             res["cvbench"] = timed(f"cvbench/{split}", cvbench.evaluate, run, world, split, per_task=s.mcq_items,
-                                   method=s.mcq_method, seed=s.seed, batch_size=s.batch_size)
+                                   method=s.mcq_method, seed=s.seed, batch_size=s.batch_size,
+                                   circular=bool(s.mcq_circular), blind_control=bool(s.mcq_blind))
         if "geneval" in s.parts:
             res["geneval"] = timed(f"geneval/{split}", geneval_eval.evaluate_geneval, run, world, split,
                                    prompts_per_tag=s.geneval_prompts_per_tag,
