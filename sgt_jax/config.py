@@ -173,14 +173,20 @@ def default_config() -> ml_collections.ConfigDict:
     # ---- mesh and sharding ----
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
-    # Logical axis name -> mesh axis (or None). Covers parameters and activations.
+    # Logical axis name -> mesh axis (or None). Covers parameters and activations; every name a
+    # parameter or activation uses needs a rule (tests/test_sharding.py walks every config). Rules
+    # are tried in order and a name may repeat as a fallback: a mesh axis already taken by another
+    # dim of the same array is skipped (flax's priority rules), e.g. the generation head's
+    # ("mlp", "vocab") kernel gets mlp -> tensor, vocab -> fsdp.
     c.mesh.axis_rules = (
         ("batch", ("data", "fsdp")),
         ("embed", "fsdp"),
         ("mlp", "tensor"),
         ("heads", "tensor"),
+        ("kv_heads", "tensor"),  # K/V projections and the KV cache
         ("kv", None),
         ("vocab", "tensor"),
+        ("vocab", "fsdp"),  # fallback when tensor is taken (generation head fc2)
         ("length", None),
         ("conv_in", None),
         ("conv_out", None),  # VQ convs are small and end in 3 channels: replicate
@@ -402,8 +408,10 @@ def _check_semantics(cfg: ml_collections.ConfigDict, num_devices: int | None) ->
         for t in targets:
             if t is not None and t not in MESH_AXES:
                 fail(f"mesh.axis_rules[{name}]", target, f"mesh axes {list(MESH_AXES)} or None")
-    if len(set(rule_names)) != len(rule_names):
-        fail("mesh.axis_rules", rule_names, "each logical axis named once")
+    pairs = [(name, tuple(t) if isinstance(t, list) else t) for name, t in cfg.mesh.axis_rules]
+    if len(set(pairs)) != len(pairs):
+        fail("mesh.axis_rules", rule_names, "no (logical axis, mesh axes) rule twice (a name may repeat with "
+             "another target as an ordered fallback)")
     if num_devices is not None:
         shape = resolve_mesh_shape(cfg.mesh.shape, num_devices)
         data_parallel = shape[0] * shape[1]

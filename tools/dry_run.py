@@ -1,9 +1,21 @@
-"""Will it fit? AOT-compile the train step of real-scale configs on simulated CPU devices.
+"""Will it fit? AOT-compile the train step of real-scale configs for a TPU slice, or estimate on CPU.
 
+    # The TPU compiler (libtpu, no chip needed): what the pod would run, per chip.
+    python tools/dry_run.py --config=configs/umm_1b.py --topology=v5p:4x4x4 [--batch_per_device=N] \
+        [--set=train.remat=False] [--out=runs/dry/umm_1b_v5p64]
+    # Estimate on simulated CPU devices (no libtpu):
     python tools/dry_run.py --config=configs/umm_1b.py --config=configs/umm_7b.py \
         --devices=8 --target_devices=32 [--batch_per_device=N] [--set=train.remat=False] [--out=runs/dry/umm]
 
-MaxText's train_compile idea without a TPU: `--devices` CPU devices are simulated
+With `--topology=GEN:AxBxC` (v5p, v5e, v6e names, e.g. v5p:4x4x4 = v5p-64, v5p:4x4x8 = v5p-128,
+v5p:4x8x8 = v5p-256, v5e:16x16 = v5e-256), libtpu's compile-only devices of that slice make the mesh
+(sgt_jax/train/aot.py), and the real train step, jit shardings included, is compiled by the TPU
+compiler: printed per chip are argument / output / temp / generated-code bytes, the peak against the
+chip's HBM, FLOPs per step from the executable's cost analysis beside the analytic count
+(train/flops.py via the stage), and the compile time. `--batch_per_device` sets rows per
+data-parallel shard (global batch = that x data x fsdp); default: the config's train.batch_size.
+
+Without `--topology`, MaxText's train_compile idea without libtpu (an ESTIMATE): `--devices` CPU devices are simulated
 (`--xla_force_host_platform_device_count`, set before jax is imported), the mesh comes from the
 config, the train state is only `jax.eval_shape`d (no parameter is allocated, so 1B / 7B configs
 run on a laptop), and the step is lowered and compiled on ShapeDtypeStructs carrying the
@@ -36,6 +48,8 @@ _PER_DEVICE = flags.DEFINE_integer("batch_per_device", 0,
 _SET = flags.DEFINE_multi_string("set", [], "Overrides 'field=value,field=value' applied to every config.")
 _HBM = flags.DEFINE_float("hbm_gib", 95.0, "Device memory to fit in, GiB (TPU v5p: 95).")
 _OUT = flags.DEFINE_string("out", "", "Also write OUT.json and OUT.md.")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "TPU slice to compile for with libtpu, e.g. v5p:4x4x4, v5e:16x16 "
+                                "(empty: simulated-CPU estimate). --hbm_gib defaults to the chip's HBM.")
 _MEMORY_SCHEDULER = flags.DEFINE_bool(
     "memory_scheduler", True,
     "Schedule for memory, not concurrency (--xla_cpu_enable_concurrency_optimized_scheduler=false). XLA:CPU's "
@@ -59,11 +73,147 @@ def scaled_batch(cfg, devices: int, target: int, per_device: int) -> tuple[int, 
     return per_device * sim[0] * sim[1], per_device
 
 
+def _config_notes(cfg) -> str:
+    """The fields that decide memory besides the batch: remat and attention settings, whatever their names."""
+    out = []
+
+    def walk(node, prefix):
+        for k in sorted(node.keys()):
+            v = node[k]
+            name = f"{prefix}{k}"
+            if hasattr(v, "keys"):
+                walk(v, name + ".")
+            elif any(t in k for t in ("remat", "attention", "attn_impl", "scan")):
+                out.append(f"{name}={v}")
+    walk(cfg, "")
+    return ", ".join(out)
+
+
+def topology_main(specs, overrides) -> int:
+    """Compile each config for --topology with the TPU compiler; print and write the per-chip numbers."""
+    import platform
+    import time
+
+    import jax
+
+    from sgt_jax.train import aot, bench
+
+    try:
+        devices = aot.topology_devices(_TOPOLOGY.value)
+    except ValueError as e:
+        raise app.UsageError(str(e), exitcode=2) from None
+    n = len(devices)
+    hbm = int(_HBM.value * aot.GiB) if _HBM.present else aot.hbm_bytes(_TOPOLOGY.value)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    reports, texts = [], []
+    for spec in specs:
+        cfg = bench.apply_overrides(bench.load_config(spec), overrides)
+        from sgt_jax.config import resolve_mesh_shape
+
+        mesh = resolve_mesh_shape(cfg.mesh.shape, n)
+        dp = mesh[0] * mesh[1]
+        if _PER_DEVICE.value > 0:
+            cfg = bench.apply_overrides(cfg, [("train.batch_size", _PER_DEVICE.value * dp)])
+        print(f"compiling {spec} for {_TOPOLOGY.value} ({n} chips, {devices[0].device_kind}), mesh {mesh}, "
+              f"global batch {cfg.train.batch_size} ...", flush=True)
+        t0 = time.perf_counter()
+        built = bench.build(cfg, name=spec, materialize=False, devices=devices)
+        build_s = time.perf_counter() - t0
+        _, st = aot.compile_step(built.jstep, built.abstract_inputs(), built.context())
+        applied = jax.tree.leaves(st.input_shardings[0][0])
+        wanted = jax.tree.leaves(built.setup.shardings)
+        shardings_ok = len(applied) == len(wanted) and all(
+            a.is_equivalent_to(w, len(leaf.shape)) for a, w, leaf in
+            zip(applied, wanted, jax.tree.leaves(built.setup.abstract), strict=True))
+        global_batch = int(cfg.train.batch_size)
+        analytic = float(built.stage.flops_per_example()) * global_batch / n
+        m = st.memory
+        rep = {
+            "config": spec, "topology": _TOPOLOGY.value, "chips": n, "device_kind": devices[0].device_kind,
+            "mesh": dict(zip(("data", "fsdp", "tensor"), mesh, strict=True)), "global_batch": global_batch,
+            "rows_per_shard": global_batch / dp, "params": built.n_params, "trainable": built.n_trainable,
+            "compute_dtype": str(cfg.train.compute_dtype), "grad_accum_steps": int(cfg.optim.grad_accum_steps),
+            "settings": _config_notes(cfg), "memory": m, "hbm_bytes": hbm,
+            "headroom": 1.0 - m["peak"] / hbm, "fits": m["peak"] <= hbm,
+            "flops_per_chip_compiled": st.flops_per_chip, "flops_per_chip_analytic": analytic,
+            "state_shardings_applied": bool(shardings_ok), "build_s": build_s, "lower_s": st.lower_s,
+            "compile_s": st.compile_s, "load_avg": list(load), "cpus": os.cpu_count(), "host": platform.node(),
+            "big_params": bench.big_params(built),
+        }
+        g = lambda b: f"{b / aot.GiB:.2f}"  # noqa: E731
+        text = "\n".join([
+            f"== {spec} on {_TOPOLOGY.value} ({n} x {rep['device_kind']}, TPU compiler): mesh {rep['mesh']}, "
+            f"global batch {global_batch} ({rep['rows_per_shard']:g} rows/shard, accum {rep['grad_accum_steps']}), "
+            f"{rep['compute_dtype']}; {rep['settings']}",
+            f"params {built.n_params:,} ({built.n_trainable:,} trainable); state shardings applied as built: "
+            f"{'yes' if shardings_ok else 'NO'}",
+            "largest parameters:",
+            *[f"  {p:60s} {str(s):18s} {sp}" for p, s, sp in rep["big_params"]],
+            bench.markdown_table(
+                ("per chip GiB", "argument", "output", "alias", "temp", "code", "peak", "HBM", "headroom"),
+                [("TPU compiler", g(m["argument"]), g(m["output"]), g(m["alias"]), g(m["temp"]),
+                  g(m["generated_code"]), g(m["peak"]), g(hbm), f"{100 * rep['headroom']:.1f}%")]),
+            f"-> {'FITS' if rep['fits'] else 'DOES NOT FIT'} ({g(m['peak'])} of {g(hbm)} GiB per chip)",
+            f"FLOPs per step per chip: compiled {st.flops_per_chip:.4g} (cost_analysis: includes remat recompute, but "
+            f"counts a while loop's body once, so scanned layers count as one layer) vs analytic {analytic:.4g} "
+            f"(stage.flops_per_example x batch / chips) = {st.flops_per_chip / analytic if analytic else float('nan'):.2f}x",
+            f"time: build {build_s:.1f}s, lower {st.lower_s:.1f}s, compile {st.compile_s:.1f}s on {os.cpu_count()} CPUs, "
+            f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start",
+        ])
+        print(text, flush=True)
+        reports.append(rep)
+        texts.append(text)
+    summary = bench.markdown_table(
+        ("config", "topology", "mesh", "global batch", "rows/shard", "settings", "peak GiB/chip", "HBM GiB",
+         "headroom", "TFLOP/step/chip (compiled / analytic)", "compile s"),
+        [(r["config"], r["topology"], tuple(r["mesh"].values()), r["global_batch"], f"{r['rows_per_shard']:g}",
+          r["settings"], f"{r['memory']['peak'] / aot.GiB:.2f}", f"{r['hbm_bytes'] / aot.GiB:g}",
+          f"{100 * r['headroom']:.1f}%",
+          f"{r['flops_per_chip_compiled'] / 1e12:.1f} / {r['flops_per_chip_analytic'] / 1e12:.1f}",
+          f"{r['compile_s']:.0f}") for r in reports])
+    print(summary)
+    _write(reports, texts, summary)
+    return 0 if all(r["fits"] and r["state_shardings_applied"] for r in reports) else 1
+
+
+def _write(reports, texts, summary) -> None:
+    """OUT.json / OUT.md through epath, so gs:// works as for every other run output."""
+    if not _OUT.value:
+        return
+    from etils import epath
+
+    out = _OUT.value
+    prefix = out[: -len(os.path.splitext(out)[1])] if out.endswith((".json", ".md")) else out
+    epath.Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    epath.Path(prefix + ".json").write_text(json.dumps(reports, indent=2, default=str))
+    epath.Path(prefix + ".md").write_text("\n\n".join(texts) + "\n\n" + summary + "\n")
+    print(f"wrote {prefix}.json / .md")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _CONFIGS.value:
         raise app.UsageError("pass at least one --config=path[:arg]")
+    if _TOPOLOGY.value:
+        if "jax" in sys.modules:
+            raise RuntimeError("jax was imported before JAX_PLATFORMS could be set")
+        # Compile-only TPU devices: jax must not look for chips (or for GCP metadata off GCP).
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        # Compile-only use needs no exclusive chip lock (/tmp/libtpu_lockfile): let dry runs run side by side.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        from sgt_jax.train import aot, bench
+
+        try:
+            aot.parse_topology(_TOPOLOGY.value)
+        except ValueError as e:
+            raise app.UsageError(str(e), exitcode=2) from None
+
+        overrides = []
+        for s in _SET.value:
+            overrides += list(bench.parse_overrides(s).items())
+        return topology_main(_CONFIGS.value, overrides)
     if "jax" in sys.modules:
         raise RuntimeError("jax was imported before the simulated device count could be set")
     ours = ("--xla_force_host_platform_device_count", "--xla_cpu_enable_concurrency_optimized_scheduler")
@@ -90,7 +240,7 @@ def main(argv):
         target_batch = int(cfg.train.batch_size)
         cfg = bench.apply_overrides(cfg, [("train.batch_size", global_batch)])
         print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
-        print(f"compiling {spec}: target batch {target_batch} on {target} chips -> {per} rows per shard -> "
+        print(f"ESTIMATE (XLA:CPU, not the TPU compiler; pass --topology for that) compiling {spec}: target batch {target_batch} on {target} chips -> {per} rows per shard -> "
               f"simulated global batch {global_batch} on {_DEVICES.value} devices ...", flush=True)
         rep = bench.dry_run(cfg, name=spec, target_devices=target, hbm_gib=_HBM.value)
         text = bench.dry_run_text(rep)
@@ -104,14 +254,7 @@ def main(argv):
           f"{r.memory.get('peak', 0) / bench.GiB:.2f}", r.target_devices, f"{r.target_state_bytes / bench.GiB:.2f}",
           f"{r.target_peak_bytes / bench.GiB:.2f}", "yes" if r.fits else "NO") for r in reports])
     print(summary)
-    if _OUT.value:
-        prefix = os.path.splitext(_OUT.value)[0] if _OUT.value.endswith((".json", ".md")) else _OUT.value
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        with open(prefix + ".json", "w") as f:
-            json.dump([r.as_dict() for r in reports], f, indent=2, default=str)
-        with open(prefix + ".md", "w") as f:
-            f.write("\n\n".join(texts) + "\n\n" + summary + "\n")
-        print(f"wrote {prefix}.json / .md")
+    _write([r.as_dict() for r in reports], texts, summary)
     return 0 if all(r.fits for r in reports) else 1
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from absl import logging
+from etils import epath
 
 from sgt_jax.config import ConfigError, register_check
 
@@ -24,13 +25,18 @@ DEFAULT_DATA_DIR = "data_cache"
 def data_dir_for(cfg, data_dir: str | None = None) -> str:
     """Explicit arg > cfg.data.data_dir > $SGT_DATA_DIR > ./data_cache, as an absolute path."""
     path = data_dir or cfg.data.data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
-    return os.path.abspath(os.path.expanduser(path))
+    return _absolute(path)
+
+
+def _absolute(path: str) -> str:
+    """Local paths made absolute; URIs (gs://...) kept as they are (tfds and epath read them)."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def tokenizer_dir_for(cfg, data_dir: str | None = None) -> str:
     """cfg.data.tokenizer_dir, else the Shapes World tokenizer saved next to the data."""
     if cfg.data.tokenizer_dir:
-        return os.path.abspath(os.path.expanduser(cfg.data.tokenizer_dir))
+        return _absolute(cfg.data.tokenizer_dir)
     d = cfg.data
     return os.path.join(data_dir_for(cfg, data_dir), "tokenizers",
                         f"shapes_world_s{d.image_size}_o{d.min_objects}-{d.max_objects}"
@@ -132,7 +138,7 @@ def ensure_dataset(cfg, data_dir: str | None = None) -> str:
         b.download_and_prepare()
     tok_dir = tokenizer_dir_for(cfg, root)
     if cfg.data.tokenizer_dir:
-        if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        if not epath.Path(tok_dir, "tokenizer.json").exists():
             raise FileNotFoundError(f"config field 'data.tokenizer_dir' = {tok_dir!r} has no tokenizer.json")
     else:
         tokenizer.build_shapes_tokenizer(tok_dir, cfg, vocab_size=cfg.data.tokenizer_vocab_size,

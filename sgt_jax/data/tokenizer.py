@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from typing import Iterable
 
+from etils import epath
+
 # Role -> token text used when a tokenizer lacks that role. Sequences are built explicitly by the
 # task code (BOS, <img> ... </img>, ..., <boi> codes <eoi>), so no post-processor adds tokens.
 SPECIAL_TOKENS = {
@@ -83,11 +85,21 @@ def build_shapes_tokenizer(out_dir: str, cfg, *, vocab_size: int = DEFAULT_VOCAB
     directory is written atomically (temp dir + rename) so a crash never leaves half a tokenizer.
     Returns the loaded `PreTrainedTokenizerFast`.
     """
-    if not overwrite and os.path.exists(os.path.join(out_dir, "tokenizer.json")):
+    if not overwrite and epath.Path(out_dir, "tokenizer.json").exists():
         return load_tokenizer(out_dir)
     from sgt_jax.data import text
 
     tok = wrap(train_bpe(text.corpus(cfg, num_scenes), vocab_size))
+    if "://" in out_dir:  # gs:// etc.: save locally, then copy the files up through epath
+        with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
+            tok.save_pretrained(tmp)
+            dst = epath.Path(out_dir)
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in sorted(os.listdir(tmp)):  # tokenizer.json last: its presence marks a complete save
+                if name != "tokenizer.json":
+                    epath.Path(tmp, name).copy(dst / name, overwrite=True)
+            epath.Path(tmp, "tokenizer.json").copy(dst / "tokenizer.json", overwrite=True)
+        return load_tokenizer(out_dir)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
@@ -110,6 +122,14 @@ def load_tokenizer(path: str):
     the tokenizer defines them: a pretrained LLM without a BOS (Qwen2) keeps using EOS for both,
     rather than gaining an untrained token (see `special_token_ids`).
     """
+    if "://" in path:  # transformers reads local directories only: copy a gs:// one down first
+        src = epath.Path(path)
+        if not src.is_dir():
+            raise FileNotFoundError(f"tokenizer directory {path!r} does not exist (no hub downloads here)")
+        local = tempfile.mkdtemp(prefix="tokenizer-")
+        for f in src.iterdir():
+            f.copy(epath.Path(local, f.name), overwrite=True)
+        path = local
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path!r} does not exist (no hub downloads here)")
     if os.path.exists(os.path.join(path, "tokenizer.json")):

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from sgt_jax.data import render, text
 from sgt_jax.data import shapes_world as sw
@@ -63,8 +64,9 @@ def save_grid(images: Sequence[np.ndarray], path: str, columns: int = 8) -> str:
     for k, im in enumerate(images):
         r, c = divmod(k, cols)
         sheet[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = im[..., :3]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(sheet).save(path)
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)  # epath: gs:// as well as local
+    with epath.Path(path).open("wb") as f:
+        Image.fromarray(sheet).save(f, format="PNG")
     return path
 
 

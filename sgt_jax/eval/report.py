@@ -16,6 +16,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 from sgt_jax.eval import stats
 from sgt_jax.eval.cvbench import CVBENCH_TASKS
@@ -263,7 +264,8 @@ def _save(fig, legend_ax, path: str) -> str:
 
     legend_ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with epath.Path(path).open("wb") as f:  # epath: gs:// as well as local
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -290,11 +292,10 @@ def plot_probes(metrics: Mapping[str, Mapping[str, Any]], path: str) -> str | No
 
 def read_train_history(workdir: str) -> list[dict]:
     """The run's logged training scalars (WORKDIR/metrics.jsonl, written by the train loop)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = epath.Path(workdir, "metrics.jsonl")
+    if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_losses(runs: Mapping[str, str], path: str) -> str | None:
@@ -436,7 +437,7 @@ def report_markdown(runs: Mapping[str, str], out_dir: str, prefix: str = "report
                     pairs: Sequence[tuple[str, str]] | None = None, footer: Sequence[str] = ()) -> tuple[str, list[str]]:
     """(markdown, written PNG paths) for runs {row name -> workdir with eval/metrics.json}."""
     metrics = {name: read_metrics(d) for name, d in runs.items()}
-    os.makedirs(out_dir, exist_ok=True)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
     pngs = [p for p in (plot_probes(metrics, os.path.join(out_dir, f"{prefix}_probes.png")),
                         plot_attention(metrics, os.path.join(out_dir, f"{prefix}_attention.png"))) if p]
     losses = plot_losses(runs, os.path.join(out_dir, f"{prefix}_losses.png"))
@@ -459,7 +460,7 @@ def report_markdown(runs: Mapping[str, str], out_dir: str, prefix: str = "report
         cells = []
         for part in ("geneval", "segmentation"):
             path = os.path.join(runs[name], "eval", str((res.get(part) or {}).get("samples", "")))
-            cells.append(f"![{name} {part}]({os.path.relpath(path, out_dir)})" if os.path.isfile(path) else "–")
+            cells.append(f"![{name} {part}]({os.path.relpath(path, out_dir)})" if epath.Path(path).is_file() else "–")
         if any(c != "–" for c in cells):
             samples.append(f"| {name} | " + " | ".join(cells) + " |")
     if samples:
@@ -474,11 +475,10 @@ def write_report(runs: Mapping[str, str], out_path: str, pairs: Sequence[tuple[s
                  footer: Sequence[str] = ()) -> str:
     """Write the comparison report for `runs` {row name -> workdir} to `out_path` (PNGs next to it);
     returns the markdown."""
-    out_dir = os.path.dirname(os.path.abspath(out_path))
+    out_dir = os.fspath(epath.Path(out_path).parent)
     prefix = os.path.splitext(os.path.basename(out_path))[0]
     md, _ = report_markdown(runs, out_dir, prefix, pairs, footer)
-    with open(out_path, "w") as f:
-        f.write(md + "\n")
+    epath.Path(out_path).write_text(md + "\n")
     return md
 
 
@@ -611,7 +611,6 @@ def write_ablation_report(groups: Mapping[str, Sequence[str]], out_path: str, re
     """`ablation_markdown` over {row: [workdirs or metrics.json paths]} written to `out_path`."""
     metrics = {name: [read_metrics(d) for d in dirs] for name, dirs in groups.items()}
     md = "## Proxy ablation on Shapes World (test split)\n\n" + ablation_markdown(metrics, reference, "test")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as f:
-        f.write(md + "\n")
+    epath.Path(out_path).parent.mkdir(parents=True, exist_ok=True)  # epath: gs:// as well as local
+    epath.Path(out_path).write_text(md + "\n")
     return md

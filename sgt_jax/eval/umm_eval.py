@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from sgt_jax.data import sequences
 from sgt_jax.data import shapes_world as sw
@@ -336,19 +337,17 @@ def _jsonable(x):
 
 def write_metrics(workdir: str, metrics: Mapping[str, Any]) -> str:
     """Write `<workdir>/eval/metrics.json` atomically (NaN -> null) and return its path."""
-    path = os.path.join(workdir, METRICS_FILE)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(metrics), f, indent=1, sort_keys=False)
-    os.replace(tmp, path)
-    return path
+    path = epath.Path(workdir, METRICS_FILE)  # epath: gs:// as well as local
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = epath.Path(os.fspath(path) + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(metrics), indent=1, sort_keys=False))
+    tmp.replace(path)
+    return os.fspath(path)
 
 
 def read_metrics(workdir_or_file: str) -> dict:
     path = workdir_or_file if workdir_or_file.endswith(".json") else os.path.join(workdir_or_file, METRICS_FILE)
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(epath.Path(path).read_text())
 
 
 def evaluate_workdir(workdir: str, settings: EvalSettings | None = None, *, step: int = -1, cfg=None,

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from sgt_jax.models import vq as vq_lib
 
@@ -120,8 +121,9 @@ def save_grid(grid: dict[str, np.ndarray], path: str) -> None:
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
             canvas[i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = img
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), Image.NEAREST).save(path)
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)  # epath: gs:// as well as local
+    with epath.Path(path).open("wb") as f:
+        Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), Image.NEAREST).save(f, format="PNG")
 
 
 def evaluate(cfg, params: Any, *, out_dir: str, step: int | None = None, split: str | None = None,
@@ -132,8 +134,7 @@ def evaluate(cfg, params: Any, *, out_dir: str, step: int | None = None, split: 
     n = int(num_examples if num_examples is not None else cfg.eval.num_examples)
     metrics, grid = evaluate_batches(model, params, test_batches(cfg, split, n))
     metrics.update({"split": split, "step": -1 if step is None else int(step)})
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    epath.Path(out_dir, "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     save_grid(grid, os.path.join(out_dir, "recon_grid.png"))
     return metrics

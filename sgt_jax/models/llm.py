@@ -177,7 +177,8 @@ class Attention(nn.Module):
             q = _routed(norm, "q_norm", cfg.mot, gen, q)
             k = _routed(norm, "k_norm", cfg.mot, gen, k)
         q = constrain(rope(q, positions, cfg.rope_theta), ("batch", "length", "heads", "kv"))
-        k = rope(k, positions, cfg.rope_theta)
+        k = constrain(rope(k, positions, cfg.rope_theta), ("batch", "length", "kv_heads", "kv"))
+        v = constrain(v, ("batch", "length", "kv_heads", "kv"))  # so the KV cache is sharded like the K/V heads
 
         new_cache = None
         if cache is not None:

@@ -156,16 +156,21 @@ class Built:
     def abstract_inputs(self):
         """(state, batch, rng) ShapeDtypeStructs with shardings: what `lower` needs for AOT."""
         batch = sharding.abstract_with_shardings(self.setup.example_spec, self.batch_shardings)
-        rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(self.mesh))
+        # Key dtype from an abstract key: an eager jax.random.key would be placed on the mesh's devices,
+        # which fails on compile-only (AOT topology) devices.
+        key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
+        rng = jax.ShapeDtypeStruct((), key_dtype, sharding=sharding.replicated(self.mesh))
         return self.setup.abstract, batch, rng
 
 
-def build(cfg: ml_collections.ConfigDict, *, name: str = "", materialize: bool = True, stage=None) -> Built:
+def build(cfg: ml_collections.ConfigDict, *, name: str = "", materialize: bool = True, stage=None,
+          devices=None) -> Built:
     """Validate, build mesh/state/step. `materialize=False` keeps the state abstract (dry runs):
-    the batch spec then comes from a one-row dummy batch, so nothing model-sized is allocated."""
-    validate(cfg, jax.device_count())
+    the batch spec then comes from a one-row dummy batch, so nothing model-sized is allocated.
+    `devices` (default: all) may be compile-only TPU devices of a topology (train/aot.py)."""
+    validate(cfg, jax.device_count() if devices is None else len(devices))
     stage = stage if stage is not None else get_stage(cfg)
-    mesh = mesh_lib.mesh_from_config(cfg)
+    mesh = mesh_lib.mesh_from_config(cfg, devices)
     rules = sharding.axis_rules(cfg)
     global_batch = int(cfg.train.batch_size)
     example = stage.dummy_batch(global_batch) if materialize else abstract_batch(stage, global_batch)

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from sgt_jax.config import validate
 from sgt_jax.train import checkpoint as ckpt_lib
@@ -286,8 +287,8 @@ def quiet_library_logs() -> None:
 
 def _log_to_file(workdir: str) -> None:
     """Also write every log line to WORKDIR/train.log (appending across resumes)."""
-    os.makedirs(workdir, exist_ok=True)
-    handler = logging.FileHandler(os.path.join(workdir, "train.log"))
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # epath: gs:// workdirs as well as local ones
+    handler = logging.StreamHandler(epath.Path(workdir, "train.log").open("a"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s] %(message)s"))
     handler.addFilter(_DropLibraryChatter())
     logging.getLogger().addHandler(handler)

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from etils import epath
 
 from sgt_jax.train import flops as flops_lib
 
@@ -178,7 +179,7 @@ class TrainLogger:
     def _append_jsonl(self, step: int, scalars: dict[str, float]) -> None:
         """WORKDIR/metrics.jsonl: one line per log step, readable without TensorFlow (reports, plots)."""
         row = {"step": int(step), **{k: (None if v != v else float(v)) for k, v in scalars.items()}}
-        with open(os.path.join(self.workdir, METRICS_JSONL), "a") as f:
+        with epath.Path(self.workdir, METRICS_JSONL).open("a") as f:
             f.write(json.dumps(row) + "\n")
 
     def write_eval(self, step: int, metrics: dict[str, float]) -> None:

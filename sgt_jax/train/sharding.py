@@ -1,8 +1,10 @@
 """Logical-axis sharding: map parameter / optimizer-state / batch trees onto the mesh.
 
 Parameters carry logical names (flax `LogicallyPartitioned` boxes); `cfg.mesh.axis_rules` maps
-those names to mesh axes. Optimizer state and EMA copies mirror the parameter tree, so their leaves
-inherit the sharding of the parameter with the same path (matched on the trailing dict keys).
+those names to mesh axes. Optimizer state and EMA copies are created from the boxed params inside
+`jax.eval_shape` (train/state.py), so their leaves carry the same boxes and get their shardings from
+`nn.get_partition_spec` of the whole abstract state (MaxText's `get_abstract_state`), not by
+matching paths.
 """
 from __future__ import annotations
 
@@ -40,39 +42,48 @@ def logical_shardings(boxed_tree: PyTree, mesh: Mesh, rules) -> PyTree:
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def _trailing_keys(path) -> tuple[str, ...]:
-    keys = []
-    for entry in reversed(path):
-        if isinstance(entry, jax.tree_util.DictKey):
-            keys.append(str(entry.key))
+def logical_names(boxed_tree: PyTree) -> set[str]:
+    """Every logical axis name on the boxed leaves of a tree (abstract params, abstract train state)."""
+    names: set[str] = set()
+    for leaf in jax.tree.leaves(boxed_tree, is_leaf=_is_box):
+        if _is_box(leaf):
+            names.update(n for n in leaf.names if isinstance(n, str))
+    return names
+
+
+def unruled(names, rules) -> list[str]:
+    """The logical names in `names` that no rule maps: flax would silently replicate those dims."""
+    ruled = {name for name, _ in rules}
+    return sorted(set(n for n in names if isinstance(n, str)) - ruled)
+
+
+def check_ruled(names, rules, what: str = "parameters") -> None:
+    """Fail naming the unruled logical axes (and where to add them) instead of replicating them."""
+    missing = unruled(names, rules)
+    if missing:
+        raise ValueError(f"logical axis names {missing} used by {what} have no rule in config field "
+                         f"'mesh.axis_rules' ({[n for n, _ in rules]}); add (name, mesh axis or None) rules")
+
+
+# The KV cache's logical layout: [batch, length, kv_heads, head_dim], with a leading `layers` axis
+# when the layers are scanned (one stacked array per k / v).
+KV_CACHE_NAMES = ("batch", "length", "kv_heads", "kv")
+
+
+def kv_cache_shardings(cache: PyTree, mesh: Mesh, rules) -> PyTree:
+    """NamedSharding per KV-cache leaf: k/v heads over `tensor` (as the K/V kernels), batch over the
+    batch axes; the per-row `length` vector over the batch axes."""
+    def one(leaf):
+        nd = len(leaf.shape)
+        if nd == 1:
+            names = ("batch",)
+        elif nd in (4, 5):
+            names = (("layers",) if nd == 5 else ()) + KV_CACHE_NAMES
         else:
-            break
-    return tuple(reversed(keys))
-
-
-def mirror_shardings(tree: PyTree, params_abstract: PyTree, params_shardings: PyTree, mesh: Mesh) -> PyTree:
-    """Shardings for a tree whose sub-trees mirror the params (optax state, EMA params).
-
-    A leaf whose trailing dict-key path equals a parameter path and whose shape matches that
-    parameter gets the parameter's sharding; everything else (step counts, scalars) is replicated.
-    """
-    table: dict[tuple[str, ...], tuple[tuple[int, ...], Any]] = {}
-    for (path, leaf), shard in zip(jax.tree_util.tree_flatten_with_path(params_abstract)[0],
-                                   jax.tree.leaves(params_shardings), strict=True):
-        table[_trailing_keys(path)] = (tuple(leaf.shape), shard)
-    replicated = NamedSharding(mesh, P())
-
-    def pick(path, leaf):
-        keys = _trailing_keys(path)
-        # Try every suffix so prefixes added by optax wrappers (e.g. multi_transform's inner dict
-        # keyed by group label) do not hide the match.
-        for start in range(len(keys)):
-            hit = table.get(keys[start:])
-            if hit is not None and hit[0] == tuple(getattr(leaf, "shape", ())):
-                return hit[1]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(pick, tree)
+            raise ValueError(f"KV-cache leaf of shape {tuple(leaf.shape)}: expected [B], [B, S, H, D] or "
+                             "[layers, B, S, H, D]")
+        return NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
+    return jax.tree.map(one, cache)
 
 
 def batch_axes(rules) -> Any:

@@ -80,29 +80,30 @@ def setup_state(stage, cfg, mesh, rng, example_batch: PyTree, *, materialize: bo
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(init_boxed, rng)
-    params_sh = sharding.logical_shardings(boxed[0], mesh, rules)
-    ms_sh = sharding.logical_shardings(boxed[1], mesh, rules)
+    sharding.check_ruled(sharding.logical_names(boxed), rules)
     params_abs = nn.unbox(boxed[0])
     tx, labels = optim.make_optimizer(cfg, params_abs, getattr(stage, "frozen", ()),
                                       getattr(stage, "no_decay", ()))
     use_ema = cfg.optim.ema_decay > 0
 
-    def init_state(key):
-        params, model_state = nn.unbox(init_boxed(key))
+    def init_state_boxed(key):
+        """The state with params still boxed: optax and the EMA copy map over the boxes, so every
+        moment carries its parameter's logical names."""
+        params, model_state = init_boxed(key)
         params = jax.tree.map(lambda p: p.astype(jnp.float32) if jnp.issubdtype(p.dtype, jnp.floating) else p,
                               params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                           opt_state=tx.init(params), ema_params=params if use_ema else None,
                           consecutive_skips=jnp.zeros((), jnp.int32), total_skips=jnp.zeros((), jnp.int32))
 
+    def init_state(key):
+        return nn.unbox(init_state_boxed(key))
+
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(init_state, rng)
-    repl = sharding.replicated(mesh)
-    shardings = TrainState(
-        step=repl, params=params_sh, model_state=ms_sh,
-        opt_state=sharding.mirror_shardings(abstract.opt_state, abstract.params, params_sh, mesh),
-        ema_params=params_sh if use_ema else None, consecutive_skips=repl, total_skips=repl)
-    abstract = sharding.abstract_with_shardings(abstract, shardings)
+        abstract_boxed = jax.eval_shape(init_state_boxed, rng)
+    # Unboxed leaves (step, counters, optax counts) get P(): replicated.
+    shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
+    abstract = sharding.abstract_with_shardings(nn.unbox(abstract_boxed), shardings)
     state = None
     if materialize:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
