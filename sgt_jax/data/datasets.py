@@ -10,6 +10,8 @@ import os
 
 from absl import logging
 
+from sgt_jax.config import ConfigError
+
 DATA_DIR_ENV = "SGT_DATA_DIR"
 DEFAULT_DATA_DIR = "data_cache"
 
@@ -30,15 +32,18 @@ def tokenizer_dir_for(cfg, data_dir: str | None = None) -> str:
                         f"_v{d.tokenizer_vocab_size}_c{d.tokenizer_corpus_scenes}")
 
 
-def _check_dataset(cfg) -> None:
-    if cfg.data.dataset != "shapes_world":
-        raise ValueError(f"config field 'data.dataset' = {cfg.data.dataset!r} is not allowed; "
-                         "allowed: ['shapes_world']")
+DATASETS = ("shapes_world",)  # values of data.dataset that a builder exists for
+
+
+def check_config(cfg) -> None:
+    """Rules of the data source (listed in sgt_jax/checks.py): a dataset that can be built."""
+    if cfg.data.dataset not in DATASETS:
+        raise ConfigError(f"config field 'data.dataset' = {cfg.data.dataset!r} is not allowed; "
+                          f"allowed: {list(DATASETS)}")
 
 
 def ensure_dataset(cfg, data_dir: str | None = None) -> str:
     """Build the dataset (all four splits) and its tokenizer if missing; return the data dir."""
-    _check_dataset(cfg)
     from sgt_jax.data import tfds_shapes_world, tokenizer
 
     root = data_dir_for(cfg, data_dir)
@@ -67,7 +72,6 @@ def load_dataset_tokenizer(cfg, data_dir: str | None = None):
 
 def open_source(cfg, split: str, data_dir: str | None = None):
     """A `pipeline.RecordSource` over one split of the built dataset; never imports TensorFlow."""
-    _check_dataset(cfg)
     from sgt_jax.data import tfds_shapes_world
     from sgt_jax.data.pipeline import RecordSource
 

@@ -1,9 +1,12 @@
 """grain input pipeline: records -> validated -> per-task transform -> weighted mixture -> batches.
 
+The tasks, weights and transforms come from one `mixture.Mixture` (built by the stage from
+`data.mixture`); a single transform is a one-task mixture.
+
 Per task the random-access stages are: decode+validate (bad records become `records.Invalid`
 markers instead of raising), this process's slice, seeded shuffle and endless repeat (training
 only), then the task's transform through `random_map` (each example gets its own deterministic
-numpy Generator). Tasks are mixed with `MapDataset.mix` by `cfg.data.mixture` weights, converted
+numpy Generator). Tasks are mixed with `MapDataset.mix` by the mixture's weights, converted
 to an iterator, invalid markers are dropped (counted, logged with their key), and batched with
 drop_remainder so every batch has a static shape.
 
@@ -23,8 +26,8 @@ import numpy as np
 from absl import logging
 
 from sgt_jax.data import records
+from sgt_jax.data.mixture import Mixture, Transform
 
-Transform = Callable[[dict, np.random.Generator], dict]
 SKIP_CATEGORIES = ("undecodable", "missing_field", "bad_dtype", "bad_shape", "empty_objects", "bad_objects",
                    "inconsistent_maps", "other")
 _STATE_KEY = "sgt_skipped"
@@ -177,13 +180,11 @@ def _task_dataset(source: RecordSource, fn: Transform, task: str, task_id: int |
     return ds.random_map(_ApplyTransform(fn, task_id), seed=task_seed(seed, task, "transform"))
 
 
-def make_dataset(cfg, split: str, transform: Transform | Mapping[str, Transform], *, process_index: int | None = None,
+def make_dataset(cfg, split: str, transform: Transform | Mixture, *, process_index: int | None = None,
                  process_count: int | None = None, seed: int | None = None, batch_size: int | None = None,
                  training: bool | None = None, sources: RecordSource | Mapping[str, RecordSource] | None = None,
                  num_workers: int | None = None, max_consecutive_skips: int = 1000) -> grain.IterDataset:
     """The batched `grain.IterDataset` behind `make_iterator` (same arguments)."""
-    from sgt_jax.config import TASKS
-
     if process_index is None or process_count is None:
         import jax
 
@@ -201,33 +202,22 @@ def make_dataset(cfg, split: str, transform: Transform | Mapping[str, Transform]
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
 
-    if callable(transform):
-        transforms, weights, task_ids = {"default": transform}, {"default": 1.0}, {"default": None}
-    else:
-        mixture = dict(cfg.data.mixture)
-        missing = sorted(set(mixture) - set(transform))
-        if missing:
-            raise ValueError(f"config field 'data.mixture' names tasks {missing} that have no transform; "
-                             f"transforms exist for {sorted(transform)}")
-        transforms = {t: transform[t] for t in mixture}  # tasks outside the mixture are not read
-        weights = {t: float(mixture[t]) for t in transforms}
-        task_ids = {t: (TASKS.index(t) if t in TASKS else None) for t in transforms}
+    mixture = transform if isinstance(transform, Mixture) else Mixture.single(transform)
     if sources is None:
         from sgt_jax.data import datasets
 
         sources = datasets.open_source(cfg, split)
     if isinstance(sources, RecordSource):
-        sources = {t: sources for t in transforms}
-    missing = [t for t in transforms if t not in sources]
+        sources = {t: sources for t in mixture.tasks}
+    missing = [t for t in mixture.tasks if t not in sources]
     if missing:
         raise ValueError(f"no record source for tasks {missing}")
 
     image_size = cfg.data.image_size if cfg.data.dataset == "shapes_world" else None
-    names = sorted(transforms)
-    parts = [_task_dataset(sources[t], transforms[t], t, task_ids[t], image_size=image_size,
-                           process_index=process_index, process_count=process_count, seed=seed, training=training)
-             for t in names]
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [weights[t] for t in names])
+    parts = [_task_dataset(sources[t], fn, t, task_id, image_size=image_size, process_index=process_index,
+                           process_count=process_count, seed=seed, training=training)
+             for t, _, task_id, fn in mixture.items()]
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(mixture.weights))
     read = grain.ReadOptions(num_threads=max(1, min(16, os.cpu_count() or 1)),
                              prefetch_buffer_size=max(16, 2 * batch_size))
     it_ds = _SkipInvalidIterDataset(ds.to_iter_dataset(read), max_consecutive_skips)
@@ -242,7 +232,7 @@ def make_dataset(cfg, split: str, transform: Transform | Mapping[str, Transform]
     return it_ds
 
 
-def make_iterator(cfg, split: str, transform: Transform | Mapping[str, Transform], *,
+def make_iterator(cfg, split: str, transform: Transform | Mixture, *,
                   process_index: int | None = None, process_count: int | None = None, seed: int | None = None,
                   batch_size: int | None = None, training: bool | None = None,
                   sources: RecordSource | Mapping[str, RecordSource] | None = None,
@@ -250,9 +240,8 @@ def make_iterator(cfg, split: str, transform: Transform | Mapping[str, Transform
     """A checkpointable iterator of per-process batches (dicts of numpy arrays, leading dim = batch_size).
 
     - `transform(record, rng) -> dict` maps a validated record (see `records`) to one example; a
-      mapping task -> transform mixes the tasks of `cfg.data.mixture` by their weights (every
-      mixture task needs a transform; others are ignored) and adds `task`
-      (int32 index into `config.TASKS`) to each example that lacks it.
+      `Mixture` with bound transforms mixes its tasks by their weights and adds `task` (int32 index
+      into `config.TASKS`) to each example that lacks it.
     - `process_index/process_count` default to `jax.process_index()/process_count()`; each process
       reads a disjoint strided slice of the records.
     - `seed` (default cfg.data.shuffle_seed) drives shuffling and each example's rng.

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sgt_jax.config import ConfigError
+
 Array = jax.Array
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -56,34 +58,32 @@ class VQSpec:
 
 
 def spec_from_config(cfg) -> VQSpec:
-    """Build the spec from a full experiment config (reads `model.vq` and `data.image_size`)."""
+    """Build the spec from a validated experiment config (reads `model.vq` and `data.image_size`)."""
     v = cfg.model.vq
-    spec = VQSpec(
+    return VQSpec(
         family=v.family, image_size=int(cfg.data.image_size), codebook_size=int(v.codebook_size),
         code_dim=int(v.code_dim), downsample=int(v.downsample), width=int(v.width), depth=int(v.depth),
-        decoder_depth=int(v.get("decoder_depth", 0)), num_heads=int(v.num_heads),
-        mlp_ratio=int(v.mlp_ratio), channel_mult=tuple(int(m) for m in v.channel_mult),
-        num_res_blocks=int(v.get("num_res_blocks", 1)), refine_channels=int(v.get("refine_channels", 0)),
-        beta=float(v.beta))
-    check_spec(spec)
-    return spec
+        decoder_depth=int(v.decoder_depth), num_heads=int(v.num_heads), mlp_ratio=int(v.mlp_ratio),
+        channel_mult=tuple(int(m) for m in v.channel_mult), num_res_blocks=int(v.num_res_blocks),
+        refine_channels=int(v.refine_channels), beta=float(v.beta))
 
 
-def check_spec(spec: VQSpec) -> None:
-    """Raise ValueError naming the field when a spec cannot be built."""
-    if spec.image_size % spec.downsample:
-        raise ValueError(f"model.vq.downsample={spec.downsample} must divide data.image_size={spec.image_size}")
-    if spec.family == "conv":
-        levels = int(round(math.log2(spec.downsample)))
-        if 2 ** levels != spec.downsample or len(spec.channel_mult) != levels + 1:
-            raise ValueError(
-                f"model.vq.channel_mult={spec.channel_mult} needs log2(downsample)+1 = {levels + 1} entries "
-                f"for the conv family with downsample={spec.downsample}")
-    elif spec.family == "vit":
-        if spec.width % spec.num_heads:
-            raise ValueError(f"model.vq.width={spec.width} must be divisible by num_heads={spec.num_heads}")
-    else:
-        raise ValueError(f"model.vq.family={spec.family!r}; allowed: ['vit', 'conv']")
+def check_config(cfg) -> None:
+    """Rules of `model.vq` (listed in sgt_jax/checks.py): what the chosen family can build."""
+    v = cfg.model.vq
+
+    def fail(path, value, allowed):
+        raise ConfigError(f"config field '{path}' = {value!r} is not allowed; allowed: {allowed}")
+
+    if float(v.gan_weight) > 0:
+        fail("model.vq.gan_weight", v.gan_weight, "0.0 (the patch-GAN loss is not implemented)")
+    if v.family == "conv":
+        levels = int(round(math.log2(v.downsample)))
+        if 2 ** levels != v.downsample or len(v.channel_mult) != levels + 1:
+            fail("model.vq.channel_mult", tuple(v.channel_mult),
+                 f"log2(downsample)+1 = {levels + 1} entries for the conv family with downsample={v.downsample}")
+    elif v.width % v.num_heads:
+        fail("model.vq.num_heads", v.num_heads, f"a divisor of model.vq.width ({v.width})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sgt_jax.config import TASKS
 from sgt_jax.data import sequences
+from sgt_jax.data.mixture import Mixture
 from sgt_jax.models import umm as umm_lib
 from sgt_jax.models import vq as vq_lib
 from sgt_jax.models.vit import vit_flops_per_image
@@ -49,7 +49,6 @@ class UMMStage(BaseStage):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        sequences.check_sequence_config(cfg)  # also when validate() ran before this module was imported
         self.mcfg = umm_lib.UMMConfig.from_config(cfg)
         self.model = umm_lib.UMM(self.mcfg)
         # The frozen tokenizer always runs in float32 so the codes it assigns here are exactly the
@@ -62,7 +61,7 @@ class UMMStage(BaseStage):
         if cfg.model.umm_stage.freeze_vit:
             frozen.append(f"^{UMM_KEY}/vit/")
         self.frozen = tuple(frozen)
-        self.tasks = tuple(t for t in TASKS if t in cfg.data.mixture)
+        self.mixture = Mixture.from_config(cfg)  # the one reader of data.mixture; transforms bound on first use
 
     # -- shapes --------------------------------------------------------------------------------
     def dummy_batch(self, batch_size: int) -> dict[str, Any]:
@@ -130,8 +129,8 @@ class UMMStage(BaseStage):
         # Per task: unweighted mean CE over that task's loss positions (text or code).
         ce = text_m * text_ce + gen_m * gen_ce
         m = text_m + gen_m
-        for task in self.tasks:
-            sel = (batch["task"] == TASKS.index(task)).astype(jnp.float32)[:, None]
+        for task, task_id in zip(self.mixture.tasks, self.mixture.ids, strict=True):
+            sel = (batch["task"] == task_id).astype(jnp.float32)[:, None]
             count = jnp.sum(sel * m)
             metrics[f"loss/{_short(task)}"] = jnp.where(count > 0, jnp.sum(sel * ce) / jnp.maximum(count, 1.0),
                                                         jnp.nan)
@@ -187,18 +186,18 @@ class UMMStage(BaseStage):
         return pipeline.make_iterator(self.cfg, split, self.example_transform(split), process_index=process_index,
                                       process_count=process_count, seed=seed, sources=sources)
 
-    def example_transform(self, split: str):
-        """Task -> transform for the grain mixture (`cfg.data.mixture` names the tasks)."""
+    def example_transform(self, split: str) -> Mixture:
+        """The run's mixture with one sequence transform per task (built once, same for every split)."""
         from sgt_jax.data import datasets
 
-        if not hasattr(self, "_builder"):
+        if self.mixture.transforms is None:
             tok = datasets.load_dataset_tokenizer(self.cfg)
             if len(tok) > self.mcfg.llm.vocab_size:
                 raise ValueError(f"the tokenizer has {len(tok)} ids but config field 'model.umm.llm.vocab_size' = "
                                  f"{self.mcfg.llm.vocab_size}; it must cover the tokenizer")
-            self._builder = sequences.SequenceBuilder.from_config(self.cfg, tok)
-        builder = self._builder
-        return {task: sequences.task_transform(builder, task) for task in self.cfg.data.mixture.keys()}
+            builder = sequences.SequenceBuilder.from_config(self.cfg, tok)
+            self.mixture = self.mixture.bind(lambda task: sequences.task_transform(builder, task))
+        return self.mixture
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, params, model_state, *, step, workdir) -> dict[str, float]:

@@ -21,32 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgt_jax.data.render import MASK_KINDS, parse_target_mix
 from sgt_jax.models import vq as vq_lib
 from sgt_jax.train.stage import BaseStage, register_stage
-
-TARGET_KINDS = ("reconstruction", "segmentation", "semantic", "depth", "edge")
-MASK_KINDS = ("segmentation", "semantic")
-
-
-def parse_target_mix(text: str) -> dict[str, float]:
-    """"kind:weight,..." -> {kind: probability}; kinds from TARGET_KINDS, weights > 0."""
-    out: dict[str, float] = {}
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        kind, _, weight = part.partition(":")
-        kind = kind.strip()
-        if kind not in TARGET_KINDS:
-            raise ValueError(f"config field 'model.vq.target_mix' names {kind!r}; allowed: {list(TARGET_KINDS)}")
-        w = float(weight) if weight.strip() else 1.0
-        if w <= 0:
-            raise ValueError(f"config field 'model.vq.target_mix' gives {kind!r} weight {w}; allowed: > 0")
-        out[kind] = w
-    if not out:
-        raise ValueError(f"config field 'model.vq.target_mix' = {text!r} names no kind; allowed: {list(TARGET_KINDS)}")
-    total = sum(out.values())
-    return {k: v / total for k, v in out.items()}
 
 
 class VQTransform:
@@ -83,9 +60,6 @@ class VQStage(BaseStage):
     def __init__(self, cfg):
         super().__init__(cfg)
         v = cfg.model.vq
-        if float(v.gan_weight) > 0:
-            raise ValueError(f"config field 'model.vq.gan_weight' = {v.gan_weight}: the patch-GAN loss is not "
-                             "implemented; allowed: 0.0")
         self.spec = vq_lib.spec_from_config(cfg)
         self.model = vq_lib.build_model(cfg)
         self.mix = parse_target_mix(v.target_mix)
