@@ -19,7 +19,7 @@ import numpy as np
 
 from sgt_jax.eval.cvbench import CVBENCH_TASKS
 from sgt_jax.eval.geneval import TAGS
-from sgt_jax.eval.umm_eval import read_metrics
+from sgt_jax.eval.umm_results import read_metrics
 
 # (part, key, column title)
 COLUMNS: tuple[tuple[str, str, str], ...] = (

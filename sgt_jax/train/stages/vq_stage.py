@@ -143,7 +143,7 @@ class VQStage(BaseStage):
 
     # -- evaluation -----------------------------------------------------------------------------------
     def evaluate(self, params, model_state, *, step, workdir) -> dict[str, float]:
-        from sgt_jax.eval import vq_eval
+        from sgt_jax.train.stages import vq_eval
 
         if int(self.cfg.eval.num_examples) <= 0:
             return {}

@@ -67,7 +67,7 @@ def test_batches(cfg, split: str, num_examples: int, batch_size: int = 64):
 def evaluate_batches(model: vq_lib.VQModel, params: Any, batches) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Score an iterable of EvalTransform batches. Returns (metrics, a few examples for the grid)."""
     from sgt_jax.data.render import rgb_to_instance, rgb_to_semantic
-    from sgt_jax.eval.segmentation import aggregate, instance_miou, semantic_miou
+    from sgt_jax.data.segmentation import aggregate, instance_miou, semantic_miou
 
     enc = jax.jit(lambda p, x: vq_lib.encode(model, p, x))
     dec = jax.jit(lambda p, c: vq_lib.decode(model, p, c))
