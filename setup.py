@@ -22,16 +22,17 @@ setup(
         "absl-py>=2.1,<3",
         "tensorflow-cpu>=2.20,<2.22",
         "tensorboard>=2.20,<2.22",
+        # TFDS's dataset_builder imports it (lazily, when a builder resolves its files) without
+        # declaring it (tensorflow-datasets 4.9.10): building Shapes World needs it.
         "importlib_resources>=6",
         "numpy>=2.0,<3",
         "scipy>=1.13,<2",
         "pillow>=11,<13",
         "matplotlib>=3.9,<4",
         "safetensors>=0.5,<1",
-        "tqdm>=4.66,<5",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "torch==2.13.0", "ruff>=0.6"],
+        "test": ["pytest>=8,<10", "torch==2.13.0", "ruff>=0.6"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
     },
 )

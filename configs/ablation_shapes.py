@@ -78,10 +78,9 @@ def run_sweep(base: str, out: str, *, seeds: int = NUM_SEEDS, proxies=ABLATION_P
     if dry_run:
         return "\n".join(f"{p['name']}: tools/train.py --config=configs/ablation_shapes.py:{p['arg']} "
                          f"--workdir={os.path.join(out, p['name'])}" for p in points)
-    from sgt_jax.eval.umm_results import METRICS_FILE
-
     from sgt_jax import checks
     from sgt_jax.eval import report, umm_eval
+    from sgt_jax.eval.umm_results import METRICS_FILE
     from sgt_jax.train import loop
 
     groups: dict[str, list[str]] = {}

@@ -17,11 +17,13 @@ to that code and are listed, explicitly, in `sgt_jax/checks.py`.
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib.util
 import json
 import math
 import os
+import re
 from types import ModuleType
 from typing import Any, Mapping, Sequence
 
@@ -327,6 +329,29 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return config_module(path).get_config(arg or None)
 
 
+# A comma starts a new assignment only when "dotted.name=" follows, so tuple values keep their commas.
+_ASSIGNMENT_SPLIT = re.compile(r",(?=\s*[A-Za-z_][\w.]*\s*=)")
+
+
+def parse_assignments(text: str) -> dict[str, Any]:
+    """"train.remat=True,mesh.shape=(1,-1,1)" -> {"train.remat": True, "mesh.shape": (1, -1, 1)}:
+    values are Python literals, anything else a string (how tools/bench.py variants and
+    tools/dry_run.py --set name several fields at once; each is then set with `set_fields`)."""
+    out: dict[str, Any] = {}
+    for part in _ASSIGNMENT_SPLIT.split(text.strip()):
+        part = part.strip()
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise ConfigError(f"config assignment {part!r} is not field=value")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
 def set_fields(cfg: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """Set dotted fields in place ({"optim.lr": 3e-4}); each must exist. For programs that build
     config variants (bench, dry run) the way `--config.x=` flags do."""
@@ -339,6 +364,8 @@ def set_fields(cfg: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_
             node = node[s]
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
             raise ConfigError(f"unknown config field '{key}' (value {value!r})")
+        if isinstance(node[leaf], bool) and isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
         if isinstance(node[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if isinstance(node[leaf], tuple) and isinstance(value, list):

@@ -81,7 +81,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     _simulate_devices(_DEVICES.value)
-    from sgt_jax.train import bench  # imports jax: after the device flag
+    import bench_lib as bench  # tools/bench_lib.py: imports jax, so after the device flag
 
     variants = [bench.parse_variant(v) for v in (_VARIANTS.value or ["base"])]
     if len({v.name for v in variants}) != len(variants):

@@ -71,10 +71,13 @@ def main(argv):
     import numpy as np
     from PIL import Image
 
+    from sgt_jax import checks
     from sgt_jax.data import datasets, sequences
     from sgt_jax.infer import prompts, sampler
+    from sgt_jax.train import restore
 
-    loaded = sampler.load_model(_WORKDIR.value, step=_STEP.value, cfg=_CONFIG.value)
+    cfg = checks.prepare(_CONFIG.value) if _CONFIG.value is not None else None
+    loaded = restore.load_umm(_WORKDIR.value, step=_STEP.value, cfg=cfg)
     cfg, task = loaded.cfg, _TASK.value
     tokenizer = datasets.load_dataset_tokenizer(cfg, _DATA_DIR.value)
     builder = sequences.SequenceBuilder.from_config(cfg, tokenizer)

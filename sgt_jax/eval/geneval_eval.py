@@ -25,9 +25,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from sgt_jax.data import render, text
+from sgt_jax.data import render, segmentation, text
 from sgt_jax.data import shapes_world as sw
-from sgt_jax.data import segmentation
 from sgt_jax.eval import geneval
 
 _SEG_SALT = 0x5347_5345

@@ -134,11 +134,6 @@ def vqa_prefixes(builder: sequences.SequenceBuilder, images, questions: str | Se
                   vit_start=[vit_start] * len(rows))
 
 
-def caption_question() -> str:
-    """The question the understanding data uses for captions."""
-    return sequences.CAPTION_QUESTION
-
-
 def decode_text(tokenizer, tokens, eos_id: int) -> list[str]:
     """Generated ids [B, T] -> strings cut before the first eos (answers carry a leading space)."""
     out = []

@@ -27,10 +27,6 @@ def axis_rules(cfg) -> tuple[tuple[str, Any], ...]:
     return tuple(out)
 
 
-def _is_box(x) -> bool:
-    return isinstance(x, nn.spmd.LogicallyPartitioned) or isinstance(x, nn.Partitioned)
-
-
 def logical_shardings(boxed_tree: PyTree, mesh: Mesh, rules) -> PyTree:
     """NamedSharding per leaf of an (abstract) boxed tree; unboxed leaves are replicated.
 
