@@ -1,6 +1,6 @@
 """The one place a training sample becomes a fixed-length token sequence with loss masks.
 
-Every task of DESIGN.md's table is laid out here, so the training stage, the sampler and the
+Every task kind is laid out here, so the training stage, the sampler and the
 evaluators agree on where the image spans sit and which positions carry a loss:
 
     understanding  <bos> <img> [V ViT slots] </img> question answer <eos>        text CE on answer+<eos>
