@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+import cli  # tools/cli.py
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -111,4 +112,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(lambda argv: sys.exit(main(argv)))

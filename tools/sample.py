@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 
+import cli  # tools/cli.py
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -125,4 +126,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

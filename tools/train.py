@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+import cli  # tools/cli.py
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -25,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
