@@ -9,8 +9,15 @@ import ml_collections
 import pytest
 
 from sgt_jax.checks import prepare, validate
-from sgt_jax.config import (ConfigError, config_module, default_config, finalize, load_config, parse_arg,
-                            resolve_mesh_shape)
+from sgt_jax.config import (
+    ConfigError,
+    config_module,
+    default_config,
+    finalize,
+    load_config,
+    parse_arg,
+    resolve_mesh_shape,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -370,9 +370,26 @@ def _shard_shape(leaf, mesh: AbstractMesh) -> tuple[int, ...]:
 def state_bytes_per_device(abstract_state, mesh_shape: dict[str, int]) -> int:
     """Analytic per-device bytes of the sharded train state on a mesh of `mesh_shape` (which may be
     larger than the simulated one: the same PartitionSpecs on the target pod)."""
-    mesh = _abstract_mesh(mesh_shape)
-    return sum(int(np.prod(_shard_shape(leaf, mesh), dtype=np.int64)) * jnp.dtype(leaf.dtype).itemsize
-               for leaf in jax.tree.leaves(abstract_state))
+    mesh, total = _abstract_mesh(mesh_shape), 0
+    for leaf in jax.tree.leaves(abstract_state):
+        try:
+            shape = _shard_shape(leaf, mesh)
+        except ValueError:  # does not divide on this (target) mesh: count the padded shard
+            shape = _shard_shape(jax.ShapeDtypeStruct(_padded(leaf, mesh_shape), leaf.dtype,
+                                                      sharding=getattr(leaf, "sharding", None)), mesh)
+        total += int(np.prod(shape, dtype=np.int64)) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _padded(leaf, mesh_shape: dict[str, int]) -> tuple[int, ...]:
+    """`leaf.shape` rounded up per dim to a multiple of its mesh axes (how XLA pads an uneven shard)."""
+    spec = tuple(getattr(getattr(leaf, "sharding", None), "spec", ()))
+    dims = list(leaf.shape)
+    for i, entry in enumerate(spec):
+        axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        n = int(np.prod([mesh_shape[a] for a in axes], dtype=np.int64)) if axes else 1
+        dims[i] = -(-dims[i] // n) * n
+    return tuple(dims)
 
 
 @dataclasses.dataclass
