@@ -271,18 +271,24 @@ def _option_value(key: str, default: Any, text: str, arg: str) -> Any:
     return value
 
 
+def comma_items(text: str | None, sep: str = "=") -> list[tuple[str, bool, str]]:
+    """"a=1, b ,c=x" -> [("a", True, "1"), ("b", False, ""), ("c", True, "x")]: the comma lists
+    config options and `model.vq.target_mix` ("kind:weight") are written in."""
+    out = []
+    for part in (text or "").split(","):
+        if part.strip():
+            key, eq, value = part.strip().partition(sep)
+            out.append((key.strip(), bool(eq), value.strip()))
+    return out
+
+
 def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
     """Typed config-file options (big_vision's `parse_arg` idea): `parse_arg("smoke,steps=20",
     smoke=False, steps=0)` -> {smoke: True, steps: 20}. Every option has a default whose type
     converts the text; a bare name sets a bool option to True. An option not in `spec` is a
     ConfigError naming the closest valid one (`smok` -> `smoke`)."""
     out = ml_collections.ConfigDict(dict(spec))
-    for part in (arg or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        key, eq, text = part.partition("=")
-        key = key.strip()
+    for key, eq, text in comma_items(arg):
         if key not in spec:
             raise ConfigError(f"unknown config option {key!r} (in {arg!r}){_closest(key, sorted(spec))} "
                               f"allowed: {sorted(spec) or 'none'}")
@@ -291,7 +297,7 @@ def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
                 raise ConfigError(f"config option {key!r} (in {arg!r}) needs a value: {key}=<{type(spec[key]).__name__}>")
             out[key] = True
         else:
-            out[key] = _option_value(key, spec[key], text.strip(), arg)
+            out[key] = _option_value(key, spec[key], text, arg)
     return out
 
 

@@ -1,7 +1,8 @@
 """configs/ablation_shapes.py: the sweep is every proxy x 3 seeds of valid post_shapes configs."""
 import os
 
-from sgt_jax.config import PROXIES, config_module, validate
+from sgt_jax.checks import prepare
+from sgt_jax.config import PROXIES, config_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,7 +17,7 @@ def test_sweep_covers_every_proxy_and_seed():
     assert len(points) == 7 * 3
     assert {(p["proxy"], p["seed"]) for p in points} == {(x, s) for x in PROXIES + ("none",) for s in range(3)}
     for p in points:
-        c = validate(p["config"])
+        c = prepare(p["config"])
         assert c.seed == p["seed"] and c.data.shuffle_seed == p["seed"]
         assert c.train.steps == 5 and c.init_from.path == "runs/base"
         want = {"understanding"} if p["proxy"] == "none" else {"understanding", f"proxy_{p['proxy']}"}

@@ -202,6 +202,8 @@ def make_dataset(cfg, split: str, transform: Transform | Mixture, *, process_ind
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
 
+    if not isinstance(transform, Mixture) and not callable(transform):
+        raise TypeError(f"make_dataset takes a transform or a data.mixture.Mixture, got {type(transform).__name__}")
     mixture = transform if isinstance(transform, Mixture) else Mixture.single(transform)
     if sources is None:
         from sgt_jax.data import datasets

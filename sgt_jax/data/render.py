@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from sgt_jax.config import PROXIES, ConfigError
+from sgt_jax.config import PROXIES, ConfigError, comma_items
 from sgt_jax.data.shapes_world import INSTANCE_PALETTE_SIZE, SHAPES
 
 # What the VQ tokenizer trains on (`model.vq.target_mix`): scene photos and every proxy rendering
@@ -128,16 +128,11 @@ def parse_target_mix(text: str) -> dict[str, float]:
     weights finite and > 0. Raises ConfigError naming the field (sgt_jax/checks.py runs it first)."""
     field = "config field 'model.vq.target_mix'"
     out: dict[str, float] = {}
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        kind, _, weight = part.partition(":")
-        kind = kind.strip()
+    for kind, _, weight in comma_items(str(text), ":"):
         if kind not in VQ_TARGET_KINDS:
             raise ConfigError(f"{field} = {text!r} names {kind!r}; allowed: {list(VQ_TARGET_KINDS)}")
         try:
-            w = float(weight) if weight.strip() else 1.0
+            w = float(weight) if weight else 1.0
         except ValueError:
             raise ConfigError(f"{field} = {text!r}: weight {weight!r} of {kind!r} is not a number") from None
         if not np.isfinite(w) or w <= 0:
