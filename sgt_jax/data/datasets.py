@@ -11,6 +11,8 @@ import os
 from absl import logging
 
 from sgt_jax.config import ConfigError
+from sgt_jax.data import tokenizer
+from sgt_jax.data.records import RecordSource
 
 DATA_DIR_ENV = "SGT_DATA_DIR"
 DEFAULT_DATA_DIR = "data_cache"
@@ -44,7 +46,7 @@ def check_config(cfg) -> None:
 
 def ensure_dataset(cfg, data_dir: str | None = None) -> str:
     """Build the dataset (all four splits) and its tokenizer if missing; return the data dir."""
-    from sgt_jax.data import tfds_shapes_world, tokenizer
+    from sgt_jax.data import tfds_shapes_world  # TFDS: imported only when a dataset is opened
 
     root = data_dir_for(cfg, data_dir)
     b = tfds_shapes_world.builder(tfds_shapes_world.config_from(cfg), root)
@@ -65,16 +67,13 @@ def ensure_dataset(cfg, data_dir: str | None = None) -> str:
 
 def load_dataset_tokenizer(cfg, data_dir: str | None = None):
     """The tokenizer for this config (ours next to the data, or cfg.data.tokenizer_dir)."""
-    from sgt_jax.data import tokenizer
 
     return tokenizer.load_tokenizer(tokenizer_dir_for(cfg, data_dir))
 
 
 def open_source(cfg, split: str, data_dir: str | None = None):
     """A `pipeline.RecordSource` over one split of the built dataset; never imports TensorFlow."""
-    from sgt_jax.data import tfds_shapes_world
-    from sgt_jax.data.pipeline import RecordSource
-
+    from sgt_jax.data import tfds_shapes_world  # TFDS: imported only when a dataset is opened
     root = data_dir_for(cfg, data_dir)
     b = tfds_shapes_world.builder(tfds_shapes_world.config_from(cfg), root)
     if not b.is_prepared():

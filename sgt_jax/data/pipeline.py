@@ -16,39 +16,21 @@ with `grain.checkpoint.CheckpointSave/CheckpointRestore` in an Orbax composite c
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Mapping
 
 import grain
 import numpy as np
 from absl import logging
 
-from sgt_jax.data import records
+from sgt_jax.data import datasets, records
 from sgt_jax.data.mixture import Mixture, Transform
+from sgt_jax.data.records import RecordSource
 
 SKIP_CATEGORIES = ("undecodable", "missing_field", "bad_dtype", "bad_shape", "empty_objects", "bad_objects",
                    "inconsistent_maps", "other")
 _STATE_KEY = "sgt_skipped"
-
-
-@dataclasses.dataclass(frozen=True)
-class RecordSource:
-    """Random-access raw records and their TF-free deserializer; picklable for grain workers."""
-
-    raw: Sequence[bytes]
-    deserialize: Callable[[bytes], Mapping[str, Any]]
-    name: str
-
-    @classmethod
-    def from_tfds(cls, data_source, name: str) -> "RecordSource":
-        """From `builder.as_data_source(split)`: read raw bytes, deserialize with numpy only."""
-        return cls(raw=data_source.data_source, deserialize=data_source.dataset_info.features.deserialize_example_np,
-                   name=name)
-
-    def __len__(self) -> int:
-        return len(self.raw)
 
 
 class _ValidatedSource:
@@ -206,7 +188,6 @@ def make_dataset(cfg, split: str, transform: Transform | Mixture, *, process_ind
         raise TypeError(f"make_dataset takes a transform or a data.mixture.Mixture, got {type(transform).__name__}")
     mixture = transform if isinstance(transform, Mixture) else Mixture.single(transform)
     if sources is None:
-        from sgt_jax.data import datasets
 
         sources = datasets.open_source(cfg, split)
     if isinstance(sources, RecordSource):

@@ -35,6 +35,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from sgt_jax.config import PROXIES, ROW_TOKENS, TASKS, umm_dims
+from sgt_jax.data import render, text
+from sgt_jax.data.tokenizer import special_token_ids
 
 Example = dict[str, np.ndarray]
 # A per-task transform: (record, per-example numpy Generator) -> example. Deterministic given the rng.
@@ -69,7 +71,6 @@ class SpecialIds:
     def from_tokenizer(cls, tok) -> "SpecialIds":
         """Read ids from a Hugging Face tokenizer with `data.tokenizer.special_token_ids` (one rule for
         BOS/pad fallbacks: a tokenizer without BOS (Qwen2) uses EOS as BOS, without pad EOS as pad)."""
-        from sgt_jax.data.tokenizer import special_token_ids
 
         ids = special_token_ids(tok)
         return cls(**{f.name: int(ids[f.name]) for f in dataclasses.fields(cls)})
@@ -280,7 +281,6 @@ def format_mcq(question: Mapping[str, Any]) -> tuple[str, str]:
 
     Defined in `text.py` (the tokenizer corpus is written in the same layout); re-exported here so
     training and the understanding evaluator format items identically."""
-    from sgt_jax.data import text
 
     return text.format_mcq(question)
 
@@ -314,8 +314,6 @@ class UnderstandingTransform(_Transform):
         b = self.builder
         if "question" in record and "answer" in record:
             return b.understanding(_image(record), str(record["question"]), str(record["answer"]))
-        from sgt_jax.data import text
-
         questions = [] if rng.random() < b.layout.caption_fraction else text.mcq_questions(record, rng)
         if not questions:
             return b.understanding(_image(record), CAPTION_QUESTION, text.caption(record, rng))
@@ -331,7 +329,6 @@ class T2ITransform(_Transform):
         if "prompt" in record:
             prompt = str(record["prompt"])
         else:
-            from sgt_jax.data import text
 
             prompt = text.t2i_prompt(record, rng)
         return self.builder.text_to_image(prompt, _image(record), drop)
@@ -350,14 +347,12 @@ class ProxyTransform(_Transform):
         self.nearest = proxy in _LABEL_PROXIES
 
     def __call__(self, record, rng):
-        from sgt_jax.data import text
 
         instruction = _pick(rng, text.INSTRUCTIONS[self.proxy])
         drop = bool(rng.random() < self.builder.layout.cond_dropout)
         if "target" in record:
             image, target = _image(record), np.asarray(record["target"], np.uint8)
         else:
-            from sgt_jax.data import render
 
             image, target = render.render_target(record, self.proxy, rng)
         return self.builder.proxy(self.proxy, image, instruction, target, drop, nearest=self.nearest)

@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from typing import Iterable
 
+from sgt_jax.data import text
+
 # Role -> token text used when a tokenizer lacks that role. Sequences are built explicitly by the
 # task code (BOS, <img> ... </img>, ..., <boi> codes <eoi>), so no post-processor adds tokens.
 SPECIAL_TOKENS = {
@@ -73,8 +75,6 @@ def build_shapes_tokenizer(out_dir: str, cfg, *, vocab_size: int = DEFAULT_VOCAB
     """
     if not overwrite and os.path.exists(os.path.join(out_dir, "tokenizer.json")):
         return load_tokenizer(out_dir)
-    from sgt_jax.data import text
-
     tok = wrap(train_bpe(text.corpus(cfg, num_scenes), vocab_size))
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sgt_jax.data import sequences
+from sgt_jax.data import sequences, text
 
 Batch = dict[str, np.ndarray]
 
@@ -88,7 +88,6 @@ def t2i_pair(builder: sequences.SequenceBuilder, prompts: Sequence[str], **kw) -
 # ---------------------------------------------------------------------------------------------
 def default_instruction(proxy: str = "segmentation") -> str:
     """The first training instruction of a proxy (a fixed, in-distribution choice)."""
-    from sgt_jax.data import text
 
     return text.INSTRUCTIONS[proxy][0]
 

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgt_jax.data import render
+from sgt_jax.infer import prompts
 from sgt_jax.models import umm as umm_lib
 from sgt_jax.models import vq as vq_lib
 
@@ -311,8 +313,6 @@ def segment(model: umm_lib.UMM, params, vq_model: vq_lib.VQModel, vq_params, bui
     `return_rgb`). Default sampling is greedy without guidance; pass a guidance scale != 1 to guide
     against the instruction-dropped prompt.
     """
-    from sgt_jax.data import render
-    from sgt_jax.infer import prompts
 
     if proxy not in _MAP_DECODERS:
         raise ValueError(f"segment() decodes label maps for {sorted(_MAP_DECODERS)}; got proxy {proxy!r}")

@@ -20,8 +20,10 @@ import numpy as np
 
 from sgt_jax import checks
 from sgt_jax.config import ConfigError, finalize
+from sgt_jax.data import pipeline
 from sgt_jax.train import checkpoint as ckpt_lib
-from sgt_jax.train import sharding
+from sgt_jax.train import distributed, sharding
+from sgt_jax.train.metrics import TrainLogger, summarize
 from sgt_jax.train.stage import get_stage
 from sgt_jax.train.trainer import build_trainer
 
@@ -50,7 +52,6 @@ def make_data_iterator(stage, cfg, split: str = "train"):
         if hasattr(stage, "make_iterator") else None
     if it is not None:
         return it
-    from sgt_jax.data import pipeline
     return pipeline.make_iterator(cfg, split, stage.example_transform(split), **kw)
 
 
@@ -124,7 +125,6 @@ def train(cfg, workdir: str, *, stage=None, max_steps: int | None = None, prepar
             log.info("init_from %s: %d parameter arrays loaded", cfg.init_from.path, len(loaded))
     log.info("params: %s total, %s trainable", f"{trainer.n_params:,}", f"{trainer.n_trainable:,}")
 
-    from sgt_jax.train.metrics import TrainLogger, summarize
     logger = TrainLogger(workdir, total_steps=total_steps, log_every=int(cfg.train.log_every),
                          global_batch=global_batch, flops_per_example=stage.flops_per_example(),
                          tokens_per_example=stage.tokens_per_example(),
@@ -234,7 +234,6 @@ def _log_to_file(workdir: str) -> None:
 def run(cfg, workdir: str, *, stage=None) -> int:
     """Command-line entry (tools/train.py): finalize, distributed init, the one validation (every
     rule, files included), then train. Returns an exit code (2 = invalid config, nothing written)."""
-    from sgt_jax.train import distributed
     quiet_library_logs()
     try:
         finalize(cfg)  # derived fields, after every override

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sgt_jax.data import sequences
+from sgt_jax.data import datasets, pipeline, sequences
 from sgt_jax.data.mixture import Mixture
 from sgt_jax.models import umm as umm_lib
 from sgt_jax.models import vq as vq_lib
@@ -178,7 +178,6 @@ class UMMStage(BaseStage):
     def make_iterator(self, split: str, *, process_index: int, process_count: int, seed: int, **_):
         """The shared grain pipeline over `record_source(split)` with this stage's task transforms;
         the Shapes World dataset and tokenizer are built on first use, as the VQ stage does."""
-        from sgt_jax.data import datasets, pipeline
 
         sources = self.record_source(split)
         if sources is None:
@@ -188,7 +187,6 @@ class UMMStage(BaseStage):
 
     def example_transform(self, split: str) -> Mixture:
         """The run's mixture with one sequence transform per task (built once, same for every split)."""
-        from sgt_jax.data import datasets
 
         if self.mixture.transforms is None:
             tok = datasets.load_dataset_tokenizer(self.cfg)
@@ -204,7 +202,6 @@ class UMMStage(BaseStage):
         """Held-out loss: the training loss and per-task CE on `cfg.eval.num_examples` rows of
         `cfg.eval.split` (one ordered pass, same task mixture and transforms as training; 0 = off).
         Sampling-based benchmarks (CV-Bench / GenEval analogues) live in `sgt_jax.eval`."""
-        from sgt_jax.data import pipeline
 
         if int(self.cfg.eval.num_examples) <= 0:
             return {}

@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgt_jax.data.render import MASK_KINDS, parse_target_mix
+from sgt_jax.data import datasets, pipeline
+from sgt_jax.data.render import MASK_KINDS, parse_target_mix, render_target
 from sgt_jax.models import vq as vq_lib
 from sgt_jax.train.stage import BaseStage, register_stage
+from sgt_jax.train.stages import vq_eval
 
 
 class VQTransform:
@@ -38,7 +40,6 @@ class VQTransform:
         self.mask_weight = float(mask_weight)
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
-        from sgt_jax.data.render import render_target
 
         kind = self.kinds[int(rng.choice(len(self.kinds), p=self.probs))]
         _, target = render_target(record, kind, rng)
@@ -135,7 +136,6 @@ class VQStage(BaseStage):
 
     def make_iterator(self, split: str, *, process_index: int, process_count: int, seed: int, **_):
         """The shared grain pipeline over the built Shapes World split (built on first use)."""
-        from sgt_jax.data import datasets, pipeline
 
         datasets.ensure_dataset(self.cfg)
         return pipeline.make_iterator(self.cfg, split, self.example_transform(split), process_index=process_index,
@@ -143,7 +143,6 @@ class VQStage(BaseStage):
 
     # -- evaluation -----------------------------------------------------------------------------------
     def evaluate(self, params, model_state, *, step, workdir) -> dict[str, float]:
-        from sgt_jax.train.stages import vq_eval
 
         if int(self.cfg.eval.num_examples) <= 0:
             return {}
