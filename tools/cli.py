@@ -15,7 +15,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        print(f"{argv[0]}: invalid flags: {e}", file=sys.stderr)
+        # A config file's own error arrives wrapped in config_flags' traceback text: keep its line.
+        lines = [line.strip() for line in str(e).splitlines() if "ConfigError:" in line]
+        if lines:
+            print(f"{argv[0]}: invalid config: {lines[-1].split('ConfigError:', 1)[1].strip()}", file=sys.stderr)
+        else:
+            print(f"{argv[0]}: invalid flags: {e}", file=sys.stderr)
         print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
         sys.exit(2)
 
