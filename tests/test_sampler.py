@@ -363,7 +363,7 @@ def save_tiny_run(workdir, step=7):
     return cfg, params, ema, vq_params
 
 
-def test_load_model_restores_ema_params_vq_and_config(tmp_path):
+def test_load_umm_restores_ema_params_vq_and_config(tmp_path):
     cfg, params, ema, vq_params = save_tiny_run(str(tmp_path))
     loaded = restore.load_umm(str(tmp_path))
     assert loaded.step == 7
