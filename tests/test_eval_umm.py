@@ -224,7 +224,7 @@ def test_workdir_round_trip_and_report(tiny, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = subprocess.run(tool[:2] + [f"--workdir={empty}"], cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "holds no checkpoint" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "there is no run there" in proc.stderr, proc.stderr[-2000:]
 
     # a three-row report from runs with only some parts: table with blanks, no crash
     runs = {"base": workdir, "+SFT": workdir, "+SFT+SGT": workdir}

@@ -1,10 +1,10 @@
 """Checkpointing: exact resume, restore onto other meshes, SIGTERM save, keep-N/best, init_from."""
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
@@ -111,31 +111,34 @@ def test_restore_onto_different_mesh(tmp_path):
 
 def test_sigterm_saves_then_exits(tmp_path):
     workdir = tmp_path / "run"
+    # No periodic save (every=10**6): the only checkpoint can be the preemption save.
     cmd = [sys.executable, os.path.join(TESTS, "train_toy_main.py"),
-           "--config=" + os.path.join(TESTS, "train_toy_config.py") + ":steps=1000000,every=50",
+           "--config=" + os.path.join(TESTS, "train_toy_config.py") + ":steps=1000000,every=1000000",
            f"--workdir={workdir}", "--config.checkpoint.keep=2"]
     proc = subprocess.Popen(cmd, env=_subprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=ROOT)
+    seen_step, head = None, []
     try:
-        ckdir = workdir / "checkpoints"
-        deadline = time.time() + 90
-        while time.time() < deadline and proc.poll() is None:
-            if ckdir.exists() and any(p.name.isdigit() for p in ckdir.iterdir()):
+        for line in proc.stdout:  # blocks until the child logs a training step (no clock involved)
+            head.append(line)
+            m = re.search(r"\] \[(\d+)\] ", line)
+            if m:
+                seen_step = int(m.group(1))
                 break
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert seen_step is not None, "".join(head)[-3000:]
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    out = "".join(head) + out
     assert proc.returncode == 0, out[-3000:]
-    assert "preempted at step" in out
+    ckdir = workdir / "checkpoints"
     steps = sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
-    last = steps[-1]
-    assert last % 50 != 0 or last > 50, steps  # a save off the periodic schedule (or after it)
-    assert f"preempted at step {last}" in out
+    assert len(steps) == 1, steps  # exactly the preemption save
+    last = steps[0]
+    assert last >= seen_step and f"preempted at step {last}" in out
     # Restorable, including the data iterator.
     cfg = toy_config(tensorboard=False)
     stage = ToyStage(cfg)
@@ -158,15 +161,18 @@ def test_keep_latest_and_best(tmp_path):
     accs = {1: 0.9, 2: 0.1, 3: 0.2, 4: 0.3, 5: 0.15}
     for s, acc in accs.items():
         ck.save(s, setup.state.replace(step=setup.state.step + s), metrics={"eval/acc": acc})
+        ck.confirm(s)  # the loop confirms a step once a finite update followed it
     ck.wait()
-    # Latest two (4, 5) plus best two by accuracy (1: 0.9, 4: 0.3).
-    assert ck.all_steps() == [1, 4, 5]
+    # Latest two confirmed (3, 4) plus best two by accuracy (1: 0.9, 4: 0.3), plus 5, which was not yet
+    # confirmed when the manager pruned at its save (a newest step never prunes a confirmed one).
+    assert ck.all_steps() == [1, 3, 4, 5]
     assert ck.best_step() == 1
     ck.close()
 
     ck = ckpt_lib.Checkpointer(str(tmp_path / "min"), keep=1, best_metric="loss", best_mode="min")
     for s, loss in {1: 0.5, 2: 0.1, 3: 0.7}.items():
         ck.save(s, setup.state, metrics={"loss": loss})
+        ck.confirm(s)
     ck.wait()
     assert ck.all_steps() == [2, 3]
     ck.close()

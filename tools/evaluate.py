@@ -96,6 +96,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from sgt_jax.config import ConfigError
+    from sgt_jax.train import checkpoint as ckpt_lib
+
+    try:  # a missing or empty --workdir is named as such, before any --config question
+        ckpt_lib.check_run_dir(_WORKDIR.value, _STEP.value)
+    except ckpt_lib.RunDirError as e:
+        logging.error("%s", e)
+        return 2
 
     workdir = os.path.abspath(_WORKDIR.value)  # orbax reads absolute paths only
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import cli  # tools/cli.py
 from absl import app, flags, logging
@@ -65,6 +66,29 @@ def _read_image(path: str, size: int):
     return np.asarray(image, np.uint8), original
 
 
+def _check_prompts(texts) -> None:
+    """An empty --prompt is rejected: this tool samples from a prompt, and an empty one would
+    silently give unconditional samples (the classifier-free-guidance branch)."""
+    for i, text in enumerate(texts):
+        if not text.strip():
+            logging.error("--prompt #%d is empty (%r): give the text to draw; empty prompts are rejected "
+                          "rather than sampled unconditionally", i + 1, text)
+            sys.exit(2)
+
+
+def _check_prompt_lengths(builder, texts) -> None:
+    """A prompt longer than the model's text room is rejected, not cut."""
+    room = builder.layout.max_seq_len - (len(builder.t2i_prefix([])) + builder.layout.num_codes + 1)
+    for i, text in enumerate(texts):
+        n = len(builder.encode(text))
+        if n > room:
+            logging.error("--prompt #%d is %d tokens (%d characters) but this model takes at most %d prompt "
+                          "tokens (data.max_seq_len=%d minus %d image codes and structural tokens); shorten it",
+                          i + 1, n, len(text), room, builder.layout.max_seq_len,
+                          builder.layout.max_seq_len - room)
+            sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -73,11 +97,20 @@ def main(argv):
     from PIL import Image
 
     from sgt_jax import checks
+    from sgt_jax.config import ConfigError
     from sgt_jax.data import datasets, sequences
     from sgt_jax.infer import prompts, sampler
+    from sgt_jax.train import checkpoint as ckpt_lib
     from sgt_jax.train import restore
 
-    cfg = checks.prepare(_CONFIG.value) if _CONFIG.value is not None else None
+    try:  # a bad --workdir is named as such (not as the init_from.path it is read through)
+        ckpt_lib.check_run_dir(_WORKDIR.value, _STEP.value)
+        cfg = checks.prepare(_CONFIG.value) if _CONFIG.value is not None else None
+    except (ckpt_lib.RunDirError, ConfigError) as e:
+        logging.error("%s", e)
+        sys.exit(2)
+    if _TASK.value == "t2i":
+        _check_prompts(_PROMPT.value)
     loaded = restore.load_umm(_WORKDIR.value, step=_STEP.value, cfg=cfg)
     cfg, task = loaded.cfg, _TASK.value
     tokenizer = datasets.load_dataset_tokenizer(cfg, _DATA_DIR.value)
@@ -89,6 +122,7 @@ def main(argv):
     if task == "t2i":
         if not _PROMPT.value:
             raise app.UsageError("--task=t2i needs at least one --prompt")
+        _check_prompt_lengths(builder, _PROMPT.value)
         out_dir = _OUT.value or os.path.join(_WORKDIR.value, "samples")
         os.makedirs(out_dir, exist_ok=True)
         texts = [p for p in _PROMPT.value for _ in range(_NUM.value)]

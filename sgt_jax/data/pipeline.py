@@ -80,6 +80,7 @@ class _SkipInvalidIterator(grain.DatasetIterator):
         super().__init__(parent)
         self._counts = {c: 0 for c in SKIP_CATEGORIES}
         self._max_consecutive = max_consecutive
+        self._logged = 0
 
     def __next__(self):
         consecutive = 0
@@ -89,12 +90,27 @@ class _SkipInvalidIterator(grain.DatasetIterator):
                 return element
             category = element.category if element.category in self._counts else "other"
             self._counts[category] += 1
-            logging.warning("skipping corrupt record key=%s reason=%s (skipped so far: %d)",
-                            element.key, element.reason, sum(self._counts.values()))
+            self._log_skip(element)
             consecutive += 1
             if consecutive >= self._max_consecutive:
                 raise RuntimeError(f"{consecutive} records in a row were invalid (last: {element.key}: "
                                    f"{element.reason}); the dataset itself is broken, rebuild it")
+
+    # A deleted shard makes every record of it invalid: log the first few, then only a count now and then.
+    _LOG_FIRST, _LOG_EVERY = 5, 1000
+
+    def _log_skip(self, element) -> None:
+        self._logged += 1
+        total = sum(self._counts.values())
+        if self._logged <= self._LOG_FIRST:
+            logging.warning("skipping corrupt record key=%s reason=%s (skipped so far: %d)",
+                            element.key, element.reason, total)
+        elif self._logged == self._LOG_FIRST + 1:
+            logging.warning("more corrupt records (latest key=%s reason=%s); further skips are counted, and "
+                            "logged every %d (skipped so far: %d)", element.key, element.reason,
+                            self._LOG_EVERY, total)
+        elif self._logged % self._LOG_EVERY == 0:
+            logging.warning("skipped %d corrupt records so far (latest key=%s)", total, element.key)
 
     def get_state(self):
         return {"parent": self._parent.get_state(), _STATE_KEY: dict(self._counts)}

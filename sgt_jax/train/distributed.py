@@ -20,11 +20,7 @@ def wanted(cfg) -> bool:
 
 
 def is_initialized() -> bool:
-    try:
-        from jax._src import distributed as _dist
-        return _dist.global_state.client is not None
-    except (ImportError, AttributeError):
-        return False
+    return jax.distributed.is_initialized()
 
 
 def maybe_initialize(cfg) -> bool:

@@ -22,7 +22,7 @@ from sgt_jax import checks
 from sgt_jax.config import ConfigError, finalize
 from sgt_jax.data import pipeline
 from sgt_jax.train import checkpoint as ckpt_lib
-from sgt_jax.train import distributed, sharding
+from sgt_jax.train import distributed, sharding, workdir_lock
 from sgt_jax.train.metrics import TrainLogger, summarize
 from sgt_jax.train.stage import get_stage
 from sgt_jax.train.trainer import build_trainer
@@ -32,6 +32,23 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """Raised after `train.max_consecutive_skips` non-finite steps in a row."""
+
+
+def _diverged_message(ckpt, at: int, skips: int, max_skips: int) -> str:
+    """Move aside the checkpoints no finite update followed, and name the newest good one."""
+    rejected = ckpt.reject_unconfirmed()
+    good = ckpt.newest_confirmed()
+    msg = (f"stopping at step {at}: {skips} consecutive steps had a non-finite loss, gradient or update "
+           f"(train.max_consecutive_skips={max_skips}); no update was applied in that streak. ")
+    if rejected:
+        msg += (f"Checkpoint step(s) {rejected} were followed only by non-finite steps and were moved to "
+                f"{ckpt.directory.parent / ckpt_lib.REJECTED_DIR}. ")
+    if good is None:
+        msg += "No finite checkpoint is left in this workdir: lower optim.lr (or fix the data) and start again."
+    else:
+        msg += (f"The newest finite checkpoint is step {good}: re-running resumes from it "
+                "(lower optim.lr first).")
+    return msg
 
 
 @dataclasses.dataclass
@@ -82,6 +99,25 @@ def _agree(flag: bool, step: int, every: int = 10) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
+def _lock_workdir(workdir: str):
+    """Process 0 takes the workdir lock; every process raises WorkdirLocked if it failed (so the
+    others do not wait at the next collective for a process that is exiting)."""
+    lock, err = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = workdir_lock.acquire(workdir)
+        except workdir_lock.WorkdirLocked as e:
+            err = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        failed = bool(np.any(multihost_utils.process_allgather(np.int32(err is not None))))
+        if failed and err is None:
+            err = workdir_lock.WorkdirLocked(f"process 0 could not lock {workdir}: another run holds it")
+    if err is not None:
+        raise err
+    return lock
+
+
 def _metadata(cfg, mesh, stage_name: str) -> dict:
     return {"config": cfg.to_json_best_effort(), "stage": stage_name,
             "mesh_shape": dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape), strict=True))}
@@ -103,9 +139,20 @@ def train(cfg, workdir: str, *, stage=None, max_steps: int | None = None, prepar
     global_batch = int(cfg.train.batch_size)
     base_key = jax.random.key(int(cfg.seed))
 
+    # One run per workdir: taken on process 0 before anything is written (re-entrant with run()).
+    lock = _lock_workdir(workdir)
+    try:
+        return _train_locked(cfg, workdir, stage, total_steps, stop_at, global_batch, base_key, t_begin)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg, workdir, stage, total_steps, stop_at, global_batch, base_key, t_begin):
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(cfg.checkpoint.keep),
                                  best_metric=cfg.checkpoint.best_metric, best_mode=cfg.checkpoint.best_mode,
                                  async_save=bool(cfg.checkpoint.async_save))
+    ckpt.set_run_config(cfg)
     latest = ckpt.latest_step()
     trainer = build_trainer(cfg, stage=stage, materialize=latest is None, seed_key=base_key)
     mesh, rules, setup, jstep = trainer.mesh, trainer.rules, trainer.setup, trainer.jstep
@@ -113,7 +160,8 @@ def train(cfg, workdir: str, *, stage=None, max_steps: int | None = None, prepar
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
     data_iter = make_data_iterator(stage, cfg, "train")
     if latest is not None:
-        state, meta, _ = ckpt.restore(setup.abstract, step=latest, data_iter=data_iter)
+        # The newest step that verifies (checksums, finiteness); newer ones that fail are moved aside.
+        state, meta, latest = ckpt.restore(setup.abstract, data_iter=data_iter)
         log.info("resumed from %s step %d", ckpt.directory, latest)
     else:
         state = setup.state
@@ -130,8 +178,9 @@ def train(cfg, workdir: str, *, stage=None, max_steps: int | None = None, prepar
                          tokens_per_example=stage.tokens_per_example(),
                          peak_tflops=float(cfg.train.peak_tflops_per_device),
                          tensorboard=bool(cfg.train.tensorboard), profile_start=int(cfg.train.profile_start_step),
-                         profile_steps=int(cfg.train.profile_num_steps))
-    preempt = ckpt_lib.PreemptionWatcher()
+                         profile_steps=int(cfg.train.profile_num_steps),
+                         start_step=int(jax.device_get(state.step)))
+    preempt = ckpt_lib.PreemptionWatcher(ckpt.manager)
     metadata = _metadata(cfg, mesh, cfg.stage)
     step_rng = jax.random.fold_in(base_key, 1)
     every_ckpt, every_eval = int(cfg.checkpoint.every_steps), int(cfg.eval.every_steps)
@@ -162,11 +211,12 @@ def train(cfg, workdir: str, *, stage=None, max_steps: int | None = None, prepar
                     logger.start(step)  # throughput excludes the first compile
                 logger.step(step, metrics)
                 # Divergence check one step behind, so it never stalls the dispatch pipeline.
-                if prev_metrics is not None and float(prev_metrics["consecutive_skips"]) >= max_skips:
-                    raise TrainingDiverged(
-                        f"stopping at step {step - 1}: {int(float(prev_metrics['consecutive_skips']))} consecutive "
-                        f"steps had a non-finite loss or gradient (train.max_consecutive_skips={max_skips}); the "
-                        f"last checkpoint is step {last_saved}")
+                if prev_metrics is not None:
+                    prev_skips = int(float(prev_metrics["consecutive_skips"]))
+                    if prev_skips == 0:  # the update to step-1 was applied: states up to step-2 are good
+                        ckpt.confirm(step - 2)
+                    if prev_skips >= max_skips:
+                        raise TrainingDiverged(_diverged_message(ckpt, step - 1, prev_skips, max_skips))
                 prev_metrics = metrics
                 is_ckpt = step % every_ckpt == 0 and step < stop_at
                 # Keep-best needs the metric at every checkpoint, so checkpoints also evaluate then.
@@ -174,9 +224,13 @@ def train(cfg, workdir: str, *, stage=None, max_steps: int | None = None, prepar
                     eval_metrics = run_eval(state, step)
                     eval_step = step
                 if is_ckpt:
-                    ckpt.save(step, state, data_iter, metadata=metadata,
-                              metrics=eval_metrics if eval_step == step else None)
-                    last_saved = step
+                    skips_now = int(float(metrics["consecutive_skips"]))
+                    if skips_now:  # the state is the last good one, but it may be what fails: wait
+                        log.warning("step %d: checkpoint paused (%d step(s) in a row skipped as non-finite)",
+                                    step, skips_now)
+                    elif ckpt.save(step, state, data_iter, metadata=metadata,
+                                   metrics=eval_metrics if eval_step == step else None):
+                        last_saved = step
                 if preempt.reached(step):
                     stop_reason = "preempted"
                     break
@@ -184,15 +238,18 @@ def train(cfg, workdir: str, *, stage=None, max_steps: int | None = None, prepar
                     stop_reason = "wall_clock"
                     log.warning("train.max_wall_minutes=%s reached at step %d", cfg.train.max_wall_minutes, step)
                     break
-            if prev_metrics is not None and float(prev_metrics["consecutive_skips"]) >= max_skips:
-                raise TrainingDiverged(
-                    f"stopping at step {step}: {int(float(prev_metrics['consecutive_skips']))} consecutive steps "
-                    f"had a non-finite loss or gradient (train.max_consecutive_skips={max_skips}); the last "
-                    f"checkpoint is step {last_saved}")
+            last_skips = int(float(prev_metrics["consecutive_skips"])) if prev_metrics is not None else 0
+            if prev_metrics is not None and last_skips == 0:
+                ckpt.confirm(step - 1)
+            if last_skips >= max_skips:
+                raise TrainingDiverged(_diverged_message(ckpt, step, last_skips, max_skips))
             logger.flush(step)
             if stop_reason == "done" and step == total_steps and step != resumed_from:
                 eval_metrics = run_eval(state, step)
-            if last_saved != step:
+            if last_saved != step and last_skips:
+                log.warning("not saving step %d: the last %d step(s) were skipped as non-finite; newest good "
+                            "checkpoint: %s", step, last_skips, ckpt.newest_confirmed())
+            elif last_saved != step:
                 ckpt.save(step, state, data_iter, metadata=metadata,
                           metrics=eval_metrics if stop_reason == "done" else None, force=True)
                 if stop_reason == "preempted":
@@ -202,7 +259,7 @@ def train(cfg, workdir: str, *, stage=None, max_steps: int | None = None, prepar
         ckpt.close()
         logger.close()
     summary = summarize(logger.history)
-    compiles = jstep._cache_size() if hasattr(jstep, "_cache_size") else -1
+    compiles = jstep.trace_count()
     log.info("finished at step %d (%s) in %.1fs; train step compiled %d time(s)", step, stop_reason,
              time.time() - t_begin, compiles)
     return TrainResult(state=state, step=step, stop_reason=stop_reason, metrics=summary, eval_metrics=eval_metrics,
@@ -244,13 +301,24 @@ def run(cfg, workdir: str, *, stage=None) -> int:
     except ConfigError as e:
         log.error("invalid config: %s", e)
         return 2
-    if jax.process_index() == 0:  # only now: a rejected config leaves no files behind
-        _log_to_file(workdir)
+    lock = None
     try:
+        lock = _lock_workdir(workdir)  # before the first write (train.log); a rejected config wrote nothing
+        if jax.process_index() == 0:
+            _log_to_file(workdir)
         result = train(cfg, workdir, stage=stage, prepared=True)
     except TrainingDiverged as e:
         log.error("%s", e)
         return 3
+    except workdir_lock.WorkdirLocked as e:
+        log.error("%s", e)
+        return 2
+    except (ckpt_lib.CheckpointMismatch, ckpt_lib.CheckpointCorrupt) as e:
+        log.error("cannot resume: %s", e)
+        return 2
+    finally:
+        if lock is not None:
+            lock.release()
     if result.stop_reason == "preempted":
         log.warning("preempted at step %d; checkpoint saved. Re-run the same command to resume.", result.step)
     elif result.stop_reason == "wall_clock":

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -24,6 +24,14 @@ METRICS_JSONL = "metrics.jsonl"  # per-run scalar history next to the TensorBoar
 _SUMMED = ("skipped",)
 # Last value wins.
 _LAST = ("consecutive_skips", "total_skips", "lr")
+
+
+class Ratio(NamedTuple):
+    """A metric a stage returns as (sum, count) over its tokens: the train step sums both over
+    micro-batches and divides once, so the value is the batch's token mean, and NaN (not a step's
+    NaN poisoning the others) only when no micro-batch had any such token."""
+    total: Any
+    count: Any
 
 
 class _LogWriter:
@@ -56,7 +64,8 @@ class TrainLogger:
 
     def __init__(self, workdir: str, *, total_steps: int, log_every: int, global_batch: int,
                  flops_per_example: float, tokens_per_example: float, peak_tflops: float = 0.0,
-                 tensorboard: bool = True, profile_start: int = -1, profile_steps: int = 5):
+                 tensorboard: bool = True, profile_start: int = -1, profile_steps: int = 5,
+                 start_step: int | None = None):
         self.workdir = workdir
         self.total_steps = total_steps
         self.log_every = max(int(log_every), 1)
@@ -82,6 +91,8 @@ class TrainLogger:
         else:
             self.writer = _LogWriter()
         self.history: list[tuple[int, dict[str, float]]] = []
+        if self.primary and start_step is not None:
+            self._drop_rows_after(int(start_step))
 
     def start(self, step: int) -> None:
         """Mark the time origin (after compilation) so throughput excludes compile time."""
@@ -139,6 +150,30 @@ class TrainLogger:
             self._append_jsonl(step, scalars)
         self.history.append((step, scalars))
         return scalars
+
+    def _drop_rows_after(self, step: int) -> None:
+        """A resumed run replays the steps after its checkpoint: drop their old rows (written
+        before the interruption) so every step appears once, from the run that the state descends from."""
+        path = os.path.join(self.workdir, METRICS_JSONL)
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                row_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a row cut by a crash mid-write
+            if row_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if len(kept) != len(lines):
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
+            log.info("%s: dropped %d row(s) after step %d (they are replayed from the checkpoint)",
+                     path, len(lines) - len(kept), step)
 
     def _append_jsonl(self, step: int, scalars: dict[str, float]) -> None:
         """WORKDIR/metrics.jsonl: one line per log step, readable without TensorFlow (reports, plots)."""

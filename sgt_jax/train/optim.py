@@ -74,11 +74,27 @@ def make_optimizer(cfg, params: PyTree, frozen: Sequence[str] = (), no_decay: Se
     parts = []
     if o.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(o.clip_norm))
-    parts.append(optax.adamw(make_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                             mask=decay_mask(params, no_decay)))
+    # inject_hyperparams keeps the lr of each update in the optimizer state (read by `current_lr`).
+    parts.append(optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+        learning_rate=make_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+        mask=decay_mask(params, no_decay)))
     trainable = optax.chain(*parts)
     tx = optax.multi_transform({TRAIN: trainable, FROZEN: optax.set_to_zero()}, labels)
     return tx, labels
+
+
+def current_lr(opt_state: PyTree) -> jax.Array:
+    """The learning rate of the last update (the first one's before any), as float32."""
+    found = [h["learning_rate"] for h in _hyperparams(opt_state)]
+    return jnp.asarray(found[0] if found else 0.0, jnp.float32)
+
+
+_INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def _hyperparams(tree: PyTree) -> list[dict]:
+    states = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, _INJECT_STATES))
+    return [s.hyperparams for s in states if isinstance(s, _INJECT_STATES)]
 
 
 def apply_updates(params: PyTree, updates: PyTree, labels: PyTree) -> PyTree:

@@ -32,6 +32,7 @@ from sgt_jax.data.mixture import Mixture
 from sgt_jax.models import umm as umm_lib
 from sgt_jax.models import vq as vq_lib
 from sgt_jax.models.vit import vit_flops_per_image
+from sgt_jax.train.metrics import Ratio
 from sgt_jax.train.stage import BaseStage, register_stage
 
 log = logging.getLogger(__name__)
@@ -126,14 +127,13 @@ class UMMStage(BaseStage):
             "truncated": jnp.mean(batch["truncated"].astype(jnp.float32)),
             "seq_fill": jnp.mean(batch["attn_mask"].astype(jnp.float32)),
         }
-        # Per task: unweighted mean CE over that task's loss positions (text or code).
+        # Per task: unweighted mean CE over that task's loss positions (text or code), as (sum, count)
+        # so micro-batches and eval batches combine into the token mean (NaN only with no such token).
         ce = text_m * text_ce + gen_m * gen_ce
         m = text_m + gen_m
         for task, task_id in zip(self.mixture.tasks, self.mixture.ids, strict=True):
             sel = (batch["task"] == task_id).astype(jnp.float32)[:, None]
-            count = jnp.sum(sel * m)
-            metrics[f"loss/{_short(task)}"] = jnp.where(count > 0, jnp.sum(sel * ce) / jnp.maximum(count, 1.0),
-                                                        jnp.nan)
+            metrics[f"loss/{_short(task)}"] = Ratio(jnp.sum(sel * ce), jnp.sum(sel * m))
             metrics[f"frac/{_short(task)}"] = jnp.mean(sel)
         return loss, metrics
 
@@ -223,8 +223,12 @@ class UMMStage(BaseStage):
             batch = {k: v for k, v in batch.items() if k in self.dummy_batch(1)}
             loss, metrics = jax.device_get(fn(params, batch))
             for k, v in {"loss": loss, **metrics}.items():
+                if isinstance(v, Ratio):  # token totals: the mean over all eval tokens of the task
+                    sums[k] = sums.get(k, 0.0) + float(v.total)
+                    counts[k] = counts.get(k, 0) + float(v.count)
+                    continue
                 v = float(v)
                 if np.isfinite(v):
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
-        return {f"eval/{k}": sums[k] / counts[k] for k in sums if not k.startswith("frac/")}
+        return {f"eval/{k}": sums[k] / counts[k] for k in sums if not k.startswith("frac/") and counts[k] > 0}
