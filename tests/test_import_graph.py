@@ -11,7 +11,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "sgt_jax")
 # Layer of each top-level part of sgt_jax: a module may import its own part or a lower layer only.
-LAYERS = {"config": 0, "models": 1, "data": 2, "convert": 2, "checks": 3, "train": 4, "infer": 5, "eval": 6}
+LAYERS = {"config": 0, "models": 1, "data": 2, "convert": 2, "checks": 3, "train": 4, "infer": 5, "eval": 6,
+          "cli": 7}
 
 
 def _modules() -> dict[str, str]:

@@ -16,9 +16,10 @@ import json
 import os
 import sys
 
-import cli  # tools/cli.py
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from sgt_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = config_flags.DEFINE_config_file(

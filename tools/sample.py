@@ -16,9 +16,10 @@ import os
 import re
 import sys
 
-import cli  # tools/cli.py
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from sgt_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "UMM run directory holding checkpoints/.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Optional config file overriding the saved one.")

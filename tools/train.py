@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import sys
 
-import cli  # tools/cli.py
 from absl import app, flags
 from ml_collections import config_flags
+
+from sgt_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard logs, eval outputs.")

@@ -1,4 +1,4 @@
-"""What the command-line tools share: flag parsing that exits 2 on a user error.
+"""What the command-line tools (tools/*.py) share: flag parsing that exits 2 on a user error.
 
 absl exits 1 when a flag does not parse; a config file that rejects its options (`configs/x.py:smok`)
 or a bad `--config.x=` value is a user error, so the tools exit 2 with the one-line reason instead.
