@@ -33,6 +33,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8,<10", "torch==2.13.0", "ruff>=0.6"],
+        # tools/convert_checkpoint.py --janus on the original DeepSeek layout (pytorch_model.bin)
+        "convert": ["torch>=2.4,<3"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
     },
 )

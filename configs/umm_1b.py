@@ -3,8 +3,9 @@
     python tools/train.py --config=configs/umm_1b.py:proxy=segmentation,init=gs://.../janus_pro_1b_sgt_jax
 
 Shape (Janus-Pro-1B): decoder 24 x 2048, 16 heads (MHA), SwiGLU 5632, vocab 102400, untied head;
-SigLIP-L/16 at 384 px (24 blocks x 1024, 576 tokens) -> 2-layer GELU adapter; LlamaGen VQ
-(conv, f = 16, 16384 codes of dim 8) -> 24 x 24 = 576 codes per image, 8-dim code embedding,
+SigLIP-L/16 at 384 px (24 blocks x 1024, 576 tokens, exact GELU) -> 2-layer GELU adapter; LlamaGen
+VQ-16 as published (`llamagen` family, f = 16, 16384 codes of dim 8) -> 24 x 24 = 576 codes per image,
+8-dim code embedding,
 generation head 2048 -> 2048 -> 16384. bf16 compute, fp32 params, remat. Mesh: FSDP over the whole
 pod (`mesh.shape = (1, -1, 1)`): every parameter and the optimizer state are sharded on `embed`.
 
@@ -13,7 +14,8 @@ Recipe (SGT paper, Janus-style optimiser): proxy : understanding = 2 : 1 by batc
 everything trains except the VQ; instruction dropped 10%, image never.
 
 Options (OPTIONS): `proxy=NAME|none` (default segmentation), `init=PATH` (UMM checkpoint holding the
-converted LLM/ViT and the VQ under params/vq; "" = from scratch), `tokenizer=DIR` (local HF tokenizer),
+converted LLM/ViT and the VQ under params/vq, e.g. `tools/convert_checkpoint.py --janus=DIR --out=PATH`;
+"" = from scratch), `tokenizer=DIR` (local HF tokenizer, e.g. PATH/tokenizer of the conversion),
 `tensor=T` (tensor-parallel width, 0 = the shape's default), `accum=A` (micro-batches per step, 0 =
 the shape's default), `smoke` (same family, tiny, CPU tests).
 Data: the built-in Shapes World rendered at 384 px (the only record source built so far; the
@@ -47,9 +49,9 @@ def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
     c.data.num_workers = 8
 
     u, v, vit = c.model.umm, c.model.vq, c.model.umm.vit
-    # LlamaGen VQ-16: conv family, 16384 l2-normalised 8-dim codes, f = 16.
-    v.family, v.codebook_size, v.code_dim, v.downsample = "conv", 16384, 8, 16
-    v.width, v.channel_mult = 128, (1, 1, 2, 2, 4)
+    # LlamaGen VQ-16 exactly as published (the `llamagen` family): 16384 l2-normalised 8-dim codes, f = 16.
+    v.family, v.codebook_size, v.code_dim, v.downsample = "llamagen", 16384, 8, 16
+    v.width, v.channel_mult, v.num_res_blocks, v.z_channels = 128, (1, 1, 2, 2, 4), 2, 256
     for k, val in shape["llm"].items():
         u.llm[k] = val
     u.llm.rope_theta, u.llm.rms_eps = 10000.0, 1e-6
@@ -57,6 +59,7 @@ def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
     # SigLIP-L/16 @ 384.
     vit.image_size, vit.patch_size, vit.width, vit.depth, vit.num_heads, vit.mlp_dim = 384, 16, 1024, 24, 16, 4096
     vit.pos, vit.select_layer, vit.post_norm = "learned", -1, True
+    vit.gelu_approximate = False  # timm's SigLIP-L in Janus-Pro: exact GELU
     c.data.image_size = 384
     width = u.llm.width
     u.gen_embed_dim, u.gen_adapter_dim, u.gen_head_dim, u.und_adapter_dim = 8, width, width, width
@@ -82,14 +85,16 @@ def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
     c.eval.every_steps = 2000
     c.mesh.shape = (1, -1, a.tensor or shape["tensor"])
 
-    if smoke:  # same family, tiny: Shapes World at 32 px, a few steps on CPU.
+    if smoke:  # same family, tiny: Shapes World at 32 px, a few steps on CPU. These shapes are the
+        # tiny random Janus of tests/janus_fixture.py, so a converted one loads with init=.
         c.data.image_size = 32
         c.data.num_workers = 0
         c.data.train_size, c.data.validation_size, c.data.test_size, c.data.heldout_size = 64, 16, 16, 16
-        v.codebook_size, v.downsample, v.width, v.channel_mult = 256, 8, 16, (1, 1, 2, 2)
+        v.codebook_size, v.downsample, v.width, v.channel_mult = 64, 8, 32, (1, 1, 2, 2)
+        v.num_res_blocks, v.z_channels = 1, 32
         u.llm.vocab_size, u.llm.width, u.llm.depth, u.llm.num_heads, u.llm.num_kv_heads = 1024, 64, 2, 4, 4
-        u.llm.head_dim, u.llm.mlp_dim = 16, 160
-        vit.image_size, vit.patch_size, vit.width, vit.depth, vit.num_heads, vit.mlp_dim = 32, 16, 32, 2, 2, 64
+        u.llm.head_dim, u.llm.mlp_dim = 16, 96
+        vit.image_size, vit.patch_size, vit.width, vit.depth, vit.num_heads, vit.mlp_dim = 32, 8, 32, 2, 2, 64
         u.gen_adapter_dim = u.gen_head_dim = u.und_adapter_dim = 64
         c.data.answer_room, c.data.instruction_room, c.data.prompt_room = 40, 24, 24  # 64-position rows
         c.train.compute_dtype = "float32"

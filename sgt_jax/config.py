@@ -89,7 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
     # ---- model ----
     c.model = ml_collections.ConfigDict()
     c.model.vq = ml_collections.ConfigDict()
-    c.model.vq.family = "vit"  # "vit" | "conv"
+    c.model.vq.family = "vit"  # "vit" | "conv" | "llamagen" (LlamaGen VQ-16 as published, Janus-Pro)
     c.model.vq.codebook_size = 1024
     c.model.vq.code_dim = 8
     c.model.vq.downsample = 8
@@ -106,6 +106,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.vq.usage_decay = 0.99  # EMA decay of per-code usage frequencies
     c.model.vq.decoder_depth = 0  # vit: decoder blocks (0 = depth)
     c.model.vq.num_res_blocks = 1  # conv: resnet blocks per resolution
+    c.model.vq.z_channels = 256  # llamagen: latent channels around quant_conv (Janus-Pro import, issue 8)
     c.model.vq.refine_channels = 0  # vit: full-resolution 3x3 conv head channels (0 = linear patch head)
     # Training images: scene photos and proxy renderings, "kind:weight,..." over render.PROXIES minus mae.
     c.model.vq.target_mix = "reconstruction:1,segmentation:1,semantic:1,depth:1,edge:1"
@@ -138,6 +139,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.umm.vit.select_layer = -1  # hidden state fed to the adapter: 0 = patch embeddings, -1 = last block
     c.model.umm.vit.post_norm = True  # final LayerNorm on the selected state (SigLIP post_layernorm)
     c.model.umm.vit.ln_eps = 1e-6
+    # Janus-Pro import (issue 8): SigLIP-L as timm builds it uses exact GELU; HF SigLIP uses tanh.
+    c.model.umm.vit.gelu_approximate = True
     c.model.umm.mot = False  # BAGEL-style Mixture-of-Transformers weights for generation tokens
     c.model.umm.codebook_size = 0  # DERIVED by finalize: model.vq.codebook_size
     c.model.umm.num_codes = 0  # DERIVED by finalize: code positions per image, (data.image_size / vq.downsample)^2
@@ -503,7 +506,7 @@ def is_finalized(cfg: ml_collections.ConfigDict) -> bool:
 # ---------------------------------------------------------------------------------------------
 _CHOICES: dict[str, Sequence[Any]] = {
     "stage": STAGES,
-    "model.vq.family": ("vit", "conv"),
+    "model.vq.family": ("vit", "conv", "llamagen"),
     "model.umm.vit.pos": ("learned", "sincos"),
     "model.vq.recon_loss": ("l1", "l2"),
     "optim.schedule": ("constant", "cosine"),

@@ -29,6 +29,8 @@ TINY = {
                             depth=1, num_heads=2, mlp_ratio=2, refine_channels=4),
     "conv": vq.VQSpec(family="conv", image_size=16, codebook_size=32, code_dim=4, downsample=4, width=4,
                       channel_mult=(1, 1, 2)),
+    "llamagen": vq.VQSpec(family="llamagen", image_size=16, codebook_size=32, code_dim=4, downsample=4, width=32,
+                          channel_mult=(1, 1, 2), num_res_blocks=1, z_channels=32),
 }
 
 

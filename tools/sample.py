@@ -38,6 +38,12 @@ _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step (-1 = latest).")
 _OUT = flags.DEFINE_string("out_dir", None, "Where t2i PNGs go (default <workdir>/samples).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory holding the run's tokenizer.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "VQA answer length limit.")
+_FORMAT = flags.DEFINE_enum("prompt_format", "sequence", ["sequence", "janus"],
+                            "t2i / vqa prompts: the training sequence layout, or Janus's conversation format "
+                            "(a converted Janus-Pro checkpoint; tokenizer with Janus's special tokens).")
+_UNCOND = flags.DEFINE_enum("uncond", "pad", ["pad", "pad_prompt"],
+                            "Janus-format CFG row: 'pad' = the reference's (all prompt tokens -> pad), "
+                            "'pad_prompt' = only the user text -> pad.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -49,7 +55,7 @@ def sampling_config(task: str):
     guidance = _GUIDANCE.value if _GUIDANCE.value is not None else (5.0 if t2i else 1.0)
     temperature = _TEMP.value if _TEMP.value is not None else (1.0 if t2i else 0.0)
     return SamplingConfig(guidance_scale=guidance, temperature=temperature, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                          seed=_SEED.value)
+                          seed=_SEED.value, uncond=_UNCOND.value)
 
 
 def _slug(text: str) -> str:
@@ -119,6 +125,13 @@ def main(argv):
     sampling = sampling_config(task)
     rng = jax.random.key(sampling.seed)
     logging.info("restored step %d from %s; sampling %s", loaded.step, _WORKDIR.value, sampling)
+    janus_ids = None
+    if _FORMAT.value == "janus":
+        if task not in ("t2i", "vqa"):
+            raise app.UsageError(f"--prompt_format=janus supports --task=t2i and --task=vqa, not {task!r}")
+        from sgt_jax.convert.janus import special_ids
+
+        janus_ids = special_ids(tokenizer)
 
     if task == "t2i":
         if not _PROMPT.value:
@@ -127,7 +140,10 @@ def main(argv):
         out_dir = _OUT.value or os.path.join(_WORKDIR.value, "samples")
         os.makedirs(out_dir, exist_ok=True)
         texts = [p for p in _PROMPT.value for _ in range(_NUM.value)]
-        cond, uncond = prompts.t2i_pair(builder, texts)
+        if janus_ids is not None:
+            cond, uncond = prompts.janus_generation(tokenizer, janus_ids, texts, uncond=sampling.uncond)
+        else:
+            cond, uncond = prompts.t2i_pair(builder, texts)
         images = sampler.generate_images(loaded.model, loaded.params, loaded.vq_model, loaded.vq_params, cond,
                                          sampling, rng, uncond if sampling.guidance_scale != 1.0 else None)
         for i, (text, image) in enumerate(zip(texts, images, strict=True)):
@@ -142,7 +158,13 @@ def main(argv):
     inputs = [_read_image(p, size) for p in _IMAGE.value]
     batch = np.stack([im for im, _ in inputs])
     if task == "vqa":
-        prefix = prompts.vqa_prefixes(builder, batch, _QUESTION.value, answer_room=_MAX_NEW.value)
+        if janus_ids is not None:
+            raw = [np.asarray(Image.open(p).convert("RGB"), np.uint8) for p in _IMAGE.value]
+            vit = builder.layout
+            prefix = prompts.janus_understanding(tokenizer, janus_ids, raw, _QUESTION.value, vit.num_vit_tokens,
+                                                 image_size=vit.vit_image_size)
+        else:
+            prefix = prompts.vqa_prefixes(builder, batch, _QUESTION.value, answer_room=_MAX_NEW.value)
         ids = sampler.generate_text(loaded.model, loaded.params, prefix, _MAX_NEW.value, builder.ids.eos, sampling,
                                     rng)
         for path, answer in zip(_IMAGE.value, prompts.decode_text(tokenizer, ids, builder.ids.eos), strict=True):

@@ -115,17 +115,23 @@ def report_unused(ckpt: HFCheckpoint, keep: Callable[[str], bool], what: str) ->
     return unused
 
 
-def save_for_init_from(out_dir: str | Path, params: PyTree, metadata: dict, step: int = 0) -> Path:
+def save_for_init_from(out_dir: str | Path, params: PyTree, metadata: dict, step: int = 0,
+                       max_host_transfer_gb: int | None = None) -> Path:
     """Write {"params": params} where `init_from.path=out_dir` finds it.
 
     Layout mirrors a training run: <out_dir>/checkpoints/<step>/state (Orbax PyTree) and
-    <out_dir>/checkpoints/<step>/metadata/metadata (JSON).
+    <out_dir>/checkpoints/<step>/metadata/metadata (JSON). `max_host_transfer_gb` bounds the arrays
+    Orbax stages for writing at once (big imports: peak memory stays near one copy of the params).
     """
     import orbax.checkpoint as ocp
 
     step_dir = Path(out_dir).resolve() / "checkpoints" / str(step)
     step_dir.mkdir(parents=True, exist_ok=True)
-    ckptr = ocp.PyTreeCheckpointer()
+    if max_host_transfer_gb is None:
+        ckptr = ocp.PyTreeCheckpointer()
+    else:
+        ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_concurrent_gb=max_host_transfer_gb,
+                                                             save_device_host_concurrent_gb=max_host_transfer_gb))
     ckptr.save(step_dir / "state", {"params": params}, force=True)
     (step_dir / "metadata").mkdir(exist_ok=True)
     (step_dir / "metadata" / "metadata").write_text(json.dumps(metadata, indent=2, sort_keys=True))

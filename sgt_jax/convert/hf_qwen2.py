@@ -98,6 +98,21 @@ def _add_mot_copies(tree: dict) -> dict:
     return out
 
 
+def llm_params(ckpt, cfg: LLMConfig, prefix: str, lm_head_key: str) -> dict:
+    """The `LLM` parameter tree from any tensor source with HF Llama/Qwen2 names under `prefix`
+    (`ckpt.get(name)` -> numpy). The one place that lays out the decoder's parameters; the Janus
+    importer reuses it through a renaming view."""
+    params: dict = {"embedder": {"embedding": ckpt.get(f"{prefix}embed_tokens.weight")},
+                    "final_norm": {"scale": ckpt.get(f"{prefix}norm.weight")}}
+    for i in range(cfg.depth):
+        params[f"layers_{i}"] = _layer(ckpt, f"{prefix}layers.{i}.", cfg)
+    if not cfg.tied_embeddings:
+        params["lm_head"] = {"kernel": ckpt.get(lm_head_key).T}
+    if cfg.mot:
+        params = _add_mot_copies(params)
+    return params
+
+
 def convert_llm(directory: str | Path, *, mot: bool = False, dtype: str = "float32", remat: bool = False,
                 mesh: jax.sharding.Mesh | None = None, rules: Iterable | None = None,
                 param_dtype=np.float32) -> tuple[dict, LLMConfig]:
@@ -108,16 +123,9 @@ def convert_llm(directory: str | Path, *, mot: bool = False, dtype: str = "float
     ckpt = HFCheckpoint(directory)
     cfg = llm_config_from_hf(ckpt.config, dtype=dtype, remat=remat, mot=mot)
     pre = ckpt.prefix_of("embed_tokens.weight")  # "model." (or e.g. "language_model.model.")
-    params: dict = {"embedder": {"embedding": ckpt.get(f"{pre}embed_tokens.weight")},
-                    "final_norm": {"scale": ckpt.get(f"{pre}norm.weight")}}
-    for i in range(cfg.depth):
-        params[f"layers_{i}"] = _layer(ckpt, f"{pre}layers.{i}.", cfg)
-    if not cfg.tied_embeddings:
-        head = pre[: -len("model.")] if pre.endswith("model.") else pre
-        params["lm_head"] = {"kernel": ckpt.get(f"{head}lm_head.weight").T}
-    if mot:
-        params = _add_mot_copies(params)
-    boxed = _abstract_llm(cfg)
+    head = pre[: -len("model.")] if pre.endswith("model.") else pre
+    params = llm_params(ckpt, cfg, pre, f"{head}lm_head.weight")
+    boxed = abstract_llm(cfg)
     check_tree(params, nn.meta.unbox(boxed), f"{directory} -> LLM")
     scope = pre[: -len("model.")] if pre.endswith("model.") else pre
     report_unused(ckpt, lambda k: k.startswith(scope) and "rotary_emb" not in k
@@ -125,6 +133,6 @@ def convert_llm(directory: str | Path, *, mot: bool = False, dtype: str = "float
     return place(params, boxed, mesh, rules, param_dtype), cfg
 
 
-def _abstract_llm(cfg: LLMConfig):
+def abstract_llm(cfg: LLMConfig):
     tokens = jax.ShapeDtypeStruct((1, 4), np.int32)
     return jax.eval_shape(lambda t: CausalLM(cfg).init(jax.random.key(0), t), tokens)["params"]["llm"]

@@ -66,6 +66,29 @@ def _block(ckpt: HFCheckpoint, p: str, cfg: ViTConfig) -> dict:
     }
 
 
+def vit_params(ckpt, cfg: ViTConfig, prefix: str) -> dict:
+    """The `ViT` parameter tree from any tensor source with HF SigLIP names under `prefix`
+    (`ckpt.get(name)` -> numpy). The one place that lays out the ViT's parameters; the Janus
+    importer reuses it through a renaming view."""
+    patch = ckpt.get(f"{prefix}embeddings.patch_embedding.weight")  # [out, in, kh, kw]
+    params: dict = {
+        "patch_embed": {"kernel": patch.transpose(2, 3, 1, 0),
+                        "bias": ckpt.get(f"{prefix}embeddings.patch_embedding.bias")},
+        "pos_embed": ckpt.get(f"{prefix}embeddings.position_embedding.weight"),
+    }
+    for i in range(cfg.num_blocks):
+        params[f"blocks_{i}"] = _block(ckpt, f"{prefix}encoder.layers.{i}.", cfg)
+    if cfg.post_norm:
+        params["post_norm"] = _ln(ckpt, f"{prefix}post_layernorm")
+    return params
+
+
+def abstract_vit(cfg: ViTConfig):
+    """Boxed abstract `ViT` params (shapes and logical names), no compute."""
+    images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), np.float32)
+    return jax.eval_shape(lambda x: ViT(cfg).init(jax.random.key(0), x), images)["params"]
+
+
 def convert_vit(directory: str | Path, *, select_layer: int = -1, post_norm: bool = True, dtype: str = "float32",
                 remat: bool = False, mesh: jax.sharding.Mesh | None = None, rules: Iterable | None = None,
                 param_dtype=np.float32) -> tuple[dict, ViTConfig]:
@@ -73,17 +96,8 @@ def convert_vit(directory: str | Path, *, select_layer: int = -1, post_norm: boo
     ckpt = HFCheckpoint(directory)
     cfg = vit_config_from_hf(ckpt.config, select_layer=select_layer, post_norm=post_norm, dtype=dtype, remat=remat)
     pre = ckpt.prefix_of("embeddings.patch_embedding.weight")  # "" or "vision_model."
-    patch = ckpt.get(f"{pre}embeddings.patch_embedding.weight")  # [out, in, kh, kw]
-    params: dict = {
-        "patch_embed": {"kernel": patch.transpose(2, 3, 1, 0), "bias": ckpt.get(f"{pre}embeddings.patch_embedding.bias")},
-        "pos_embed": ckpt.get(f"{pre}embeddings.position_embedding.weight"),
-    }
-    for i in range(cfg.num_blocks):
-        params[f"blocks_{i}"] = _block(ckpt, f"{pre}encoder.layers.{i}.", cfg)
-    if post_norm:
-        params["post_norm"] = _ln(ckpt, f"{pre}post_layernorm")
-    images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), np.float32)
-    boxed = jax.eval_shape(lambda x: ViT(cfg).init(jax.random.key(0), x), images)["params"]
+    params = vit_params(ckpt, cfg, pre)
+    boxed = abstract_vit(cfg)
     check_tree(params, nn.meta.unbox(boxed), f"{directory} -> ViT")
     skipped = tuple(f"{pre}encoder.layers.{i}." for i in range(cfg.num_blocks, cfg.depth))
 

@@ -28,6 +28,18 @@ SPECIAL_TOKENS = {
     "eoi": "<eoi>",
 }
 IMAGE_ROLES = ("img", "img_end", "boi", "eoi")
+# A Janus / Janus-Pro tokenizer (converted checkpoints) already has image tokens: the understanding
+# span and the generation span both open with <begin_of_image> and close with <end_of_image>, and its
+# pad is <｜▁pad▁｜> (looked up by name, as the reference does; ids differ between 1B and 7B).
+JANUS_ROLE_TOKENS = {"img": "<begin_of_image>", "img_end": "<end_of_image>", "boi": "<begin_of_image>",
+                     "eoi": "<end_of_image>"}
+JANUS_PAD = "<｜▁pad▁｜>"
+
+
+def is_janus(tok) -> bool:
+    """True for a tokenizer carrying Janus's own image tokens (they are used instead of ours)."""
+    vocab = tok.get_vocab()
+    return all(t in vocab for t in JANUS_ROLE_TOKENS.values())
 DEFAULT_VOCAB_SIZE = 512  # ~1.3 tokens per word on world text; merges saturate near 900
 DEFAULT_CORPUS_SCENES = 1000  # ~7k texts: the world's vocabulary is closed, this covers it
 
@@ -111,7 +123,7 @@ def load_tokenizer(path: str):
 
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     vocab = tok.get_vocab()
-    extra = [SPECIAL_TOKENS[r] for r in IMAGE_ROLES if SPECIAL_TOKENS[r] not in vocab]
+    extra = [] if is_janus(tok) else [SPECIAL_TOKENS[r] for r in IMAGE_ROLES if SPECIAL_TOKENS[r] not in vocab]
     if extra:
         tok.add_special_tokens({"extra_special_tokens": extra}, replace_extra_special_tokens=False)
     if tok.eos_token_id is None:
@@ -133,6 +145,10 @@ def special_token_ids(tok) -> dict[str, int]:
     if tok.unk_token_id is not None:
         ids["unk"] = tok.unk_token_id
     vocab = tok.get_vocab()
+    if is_janus(tok):
+        ids.update({role: vocab[t] for role, t in JANUS_ROLE_TOKENS.items()})
+        ids["pad"] = vocab.get(JANUS_PAD, ids["pad"])
+        return {k: int(v) for k, v in ids.items()}
     for role in IMAGE_ROLES:
         if SPECIAL_TOKENS[role] not in vocab:
             raise ValueError(f"tokenizer has no {SPECIAL_TOKENS[role]} token; load it with load_tokenizer()")

@@ -142,3 +142,81 @@ def decode_text(tokenizer, tokens, eos_id: int) -> list[str]:
             row = row[:row.index(eos_id)]
         out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Janus / Janus-Pro conversation format (converted checkpoints, `sgt_jax/convert/janus.py`)
+# ---------------------------------------------------------------------------------------------
+# DeepSeek's "deepseek" template as Janus uses it: [system + "\n\n"] "<|User|>: " message "\n\n"
+# "<|Assistant|>:"; the tokenizer adds BOS in front. Special ids (`ids`: bos, eos, pad, boi, eoi,
+# image) come from the tokenizer (`convert.janus.special_ids`), never from constants.
+JANUS_USER, JANUS_ASSISTANT = "<|User|>", "<|Assistant|>"
+JANUS_BACKGROUND = (127, 127, 127)  # int(0.5 * 255): the reference pads with its image mean
+UNCOND_MODES = ("pad", "pad_prompt")
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return [int(t) for t in tokenizer.encode(text, add_special_tokens=False)]
+
+
+def janus_pixels(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [size, size, 3] in [-1, 1] as Janus's processor does: bicubic
+    resize of the long side to `size`, pad to a square centred on the reference background, then
+    mean 0.5 / std 0.5."""
+    image = np.asarray(image, np.uint8)
+    h, w = image.shape[:2]
+    if (h, w) != (size, size):
+        from PIL import Image
+
+        long, floor = max(h, w), min(14, size)  # the reference's min_size 14
+        nh, nw = max(round(h * size / long), floor), max(round(w * size / long), floor)
+        resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC))
+        square = np.empty((size, size, 3), np.uint8)
+        square[:] = JANUS_BACKGROUND
+        top, left = (size - nh) // 2, (size - nw) // 2
+        square[top:top + nh, left:left + nw] = resized
+        image = square
+    return (image.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
+
+
+def janus_generation(tokenizer, ids: dict, texts: Sequence[str], *, system: str = "", uncond: str = "pad",
+                     length: int | None = None, multiple: int = 8) -> tuple[Batch, Batch]:
+    """(cond, uncond) text-to-image prompts `<bos> <|User|>: text\\n\\n<|Assistant|>: <boi>`.
+
+    `uncond` picks the CFG unconditional row (`SamplingConfig.uncond`): "pad" = the reference's,
+    every token between `<bos>` and the final `<boi>` replaced by pad (still attended); "pad_prompt"
+    = only the user text replaced, the conversation template kept.
+    """
+    if uncond not in UNCOND_MODES:
+        raise ValueError(f"uncond={uncond!r} is not allowed; allowed: {list(UNCOND_MODES)}")
+    head = (system + "\n\n" if system else "") + f"{JANUS_USER}: "
+    tail = f"\n\n{JANUS_ASSISTANT}:"
+    cond_rows, uncond_rows = [], []
+    for text in texts:
+        h, t, p = _encode(tokenizer, head), _encode(tokenizer, tail), _encode(tokenizer, text)
+        body = h + p + t
+        cond_rows.append([ids["bos"]] + body + [ids["boi"]])
+        blank = [ids["pad"]] * len(body) if uncond == "pad" else h + [ids["pad"]] * len(p) + t
+        uncond_rows.append([ids["bos"]] + blank + [ids["boi"]])
+    out = []
+    for rows in (cond_rows, uncond_rows):
+        tokens, mask = pad_batch(rows, ids["pad"], length=length, multiple=multiple)
+        out.append({"tokens": tokens, "attn_mask": mask})
+    return out[0], out[1]
+
+
+def janus_understanding(tokenizer, ids: dict, images, questions: str | Sequence[str], num_image_tokens: int, *,
+                        image_size: int | None = None, system: str = "", length: int | None = None,
+                        multiple: int = 8) -> Batch:
+    """`<bos> [system] <|User|>: <boi> [image x N] <eoi>\\nquestion\\n\\n<|Assistant|>:` rows (the answer
+    follows each row's end); N = 576 at Janus-Pro's 384 px. Images go through `janus_pixels`."""
+    images = _images(images)
+    questions = _per_row(questions, len(images), "questions")
+    size = image_size or images[0].shape[0]
+    head = _encode(tokenizer, (system + "\n\n" if system else "") + f"{JANUS_USER}: ")
+    span = [ids["boi"]] + [ids["image"]] * num_image_tokens + [ids["eoi"]]
+    rows = [[ids["bos"]] + head + span + _encode(tokenizer, f"\n{q}\n\n{JANUS_ASSISTANT}:") for q in questions]
+    tokens, mask = pad_batch(rows, ids["pad"], length=length, multiple=multiple)
+    return {"tokens": tokens, "attn_mask": mask,
+            "vit_images": np.stack([janus_pixels(im, size) for im in images]).astype(np.float32),
+            "vit_start": np.full((len(rows),), 1 + len(head) + 1, np.int32)}

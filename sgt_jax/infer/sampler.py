@@ -42,8 +42,13 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int = 0  # used when no explicit rng is passed
+    # Which unconditional (CFG) row the prompt builders make for Janus-format prompts
+    # (`prompts.janus_generation`): "pad" = the reference's, every prompt token between <bos> and
+    # <boi> replaced by pad; "pad_prompt" = only the user text replaced. Shapes World prompts use
+    # the training-time dropout row (`SequenceBuilder.*_prefix(cond=False)`).
+    uncond: str = "pad"
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 

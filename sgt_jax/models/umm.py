@@ -58,7 +58,8 @@ class UMMConfig:
         vit = ViTConfig(
             image_size=u.vit.image_size, patch_size=u.vit.patch_size, width=u.vit.width, depth=u.vit.depth,
             num_heads=u.vit.num_heads, mlp_dim=u.vit.mlp_dim, pos=u.vit.pos, select_layer=u.vit.select_layer,
-            post_norm=u.vit.post_norm, ln_eps=float(u.vit.ln_eps), dtype=dtype, remat=remat)
+            post_norm=u.vit.post_norm, ln_eps=float(u.vit.ln_eps),
+            gelu_approximate=bool(u.vit.get("gelu_approximate", True)), dtype=dtype, remat=remat)
         return cls(llm=llm, vit=vit, codebook_size=u.codebook_size, num_codes=u.num_codes,
                    gen_embed_dim=u.gen_embed_dim, gen_adapter_dim=u.gen_adapter_dim,
                    gen_head_dim=u.gen_head_dim, und_adapter_dim=u.und_adapter_dim)

@@ -1,7 +1,7 @@
 """ViT understanding encoder (SigLIP layout) for the UMM.
 
 Patch embedding (a strided conv with bias), learned or fixed 2-D sin-cos positions, pre-norm
-blocks (LayerNorm, multi-head attention with biases, GELU-tanh MLP) and an optional final
+blocks (LayerNorm, multi-head attention with biases, GELU MLP: tanh by default, exact by flag) and an optional final
 LayerNorm. `select_layer` picks which hidden state feeds the adapter (LLaVA/Janus style): it
 indexes the list [patch embeddings, block 1, ..., block depth], negative from the end; blocks past
 the selected one are not built at all. The parameter tree mirrors HF `SiglipVisionModel` so its
@@ -30,6 +30,7 @@ class ViTConfig:
     select_layer: int = -1
     post_norm: bool = True  # final LayerNorm on the selected output (SigLIP post_layernorm)
     ln_eps: float = 1e-6
+    gelu_approximate: bool = True  # False: exact erf GELU (Janus-Pro's timm SigLIP-L)
     dtype: str = "float32"
     remat: bool = False
 
@@ -75,7 +76,7 @@ class ViTBlock(nn.Module):
         x = x + DenseGeneral((cfg.width,), ("heads", "kv", "embed"), in_dims=2, use_bias=True, dtype=dt,
                              name="o")(out)
         h = layer_norm(cfg.ln_eps, dt, "norm2")(x)
-        h = nn.gelu(dense(cfg.mlp_dim, ("embed", "mlp"), dt, name="fc1")(h), approximate=True)
+        h = nn.gelu(dense(cfg.mlp_dim, ("embed", "mlp"), dt, name="fc1")(h), approximate=cfg.gelu_approximate)
         h = constrain(h, ("batch", "length", "mlp"))
         x = x + dense(cfg.width, ("mlp", "embed"), dt, name="fc2")(h)
         return constrain(x, ("batch", "length", "embed")), probs

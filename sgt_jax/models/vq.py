@@ -1,11 +1,13 @@
 """VQ image tokenizer: encoder -> l2-normalised low-dimensional codebook -> decoder (Flax Linen).
 
-One quantiser, two encoder/decoder families chosen by `cfg.model.vq.family`:
+One quantiser, three encoder/decoder families chosen by `cfg.model.vq.family`:
 - `vit`: a patch transformer (ViT-VQGAN / UViM style). Cheap on CPU and global from layer one, which
   lets the decoder place sharp mask edges from the context of neighbouring codes.
 - `conv`: a LlamaGen / taming style conv net (resnet blocks, channel multipliers). Resampling uses
   space-to-depth + conv and nearest-resize + conv only: on XLA:CPU the input gradient of strided
   convolutions and ConvTranspose is ~20x slower than a stride-1 conv.
+- `llamagen`: LlamaGen's VQ-16 exactly as published (Janus-Pro's generation tokenizer), in
+  `llamagen_vq.py`, so converted Janus-Pro weights run unchanged.
 
 The quantiser follows LlamaGen: encoder outputs and codes live on the unit sphere of a small
 (8-16 dim) space, nearest code = highest cosine similarity, straight-through gradients, codebook +
@@ -46,6 +48,7 @@ class VQSpec:
     channel_mult: tuple[int, ...] = (1, 2, 2, 4)
     num_res_blocks: int = 1
     refine_channels: int = 0  # vit only: a full-resolution 3x3 conv head after the patch decoder
+    z_channels: int = 256  # llamagen only: latent channels around quant_conv / post_quant_conv
     beta: float = 0.25
 
     @property
@@ -65,7 +68,7 @@ def spec_from_config(cfg) -> VQSpec:
         code_dim=int(v.code_dim), downsample=int(v.downsample), width=int(v.width), depth=int(v.depth),
         decoder_depth=int(v.decoder_depth), num_heads=int(v.num_heads), mlp_ratio=int(v.mlp_ratio),
         channel_mult=tuple(int(m) for m in v.channel_mult), num_res_blocks=int(v.num_res_blocks),
-        refine_channels=int(v.refine_channels), beta=float(v.beta))
+        refine_channels=int(v.refine_channels), z_channels=int(v.z_channels), beta=float(v.beta))
 
 
 def check_config(cfg) -> None:
@@ -77,11 +80,17 @@ def check_config(cfg) -> None:
 
     if float(v.gan_weight) > 0:
         fail("model.vq.gan_weight", v.gan_weight, "0.0 (the patch-GAN loss is not implemented)")
-    if v.family == "conv":
+    if v.family in ("conv", "llamagen"):
         levels = int(round(math.log2(v.downsample)))
         if 2 ** levels != v.downsample or len(v.channel_mult) != levels + 1:
             fail("model.vq.channel_mult", tuple(v.channel_mult),
-                 f"log2(downsample)+1 = {levels + 1} entries for the conv family with downsample={v.downsample}")
+                 f"log2(downsample)+1 = {levels + 1} entries for the {v.family} family with downsample={v.downsample}")
+        if v.family == "llamagen":
+            bad = [v.width * m for m in v.channel_mult if (v.width * m) % 32] + \
+                ([v.z_channels] if v.z_channels % 32 else [])
+            if bad:
+                fail("model.vq.width/channel_mult/z_channels", (v.width, tuple(v.channel_mult), v.z_channels),
+                     f"widths and z_channels that are multiples of 32 (GroupNorm(32)); not: {bad}")
     elif v.width % v.num_heads:
         fail("model.vq.num_heads", v.num_heads, f"a divisor of model.vq.width ({v.width})")
 
@@ -351,6 +360,11 @@ class VQModel(nn.Module):
         s = self.spec
         if s.family == "vit":
             self.encoder, self.decoder = ViTEncoder(s, self.dtype), ViTDecoder(s, self.dtype)
+        elif s.family == "llamagen":
+            from sgt_jax.models import llamagen_vq
+
+            self.encoder = llamagen_vq.Encoder(s, self.dtype)
+            self.decoder = llamagen_vq.Decoder(s, self.dtype)
         else:
             self.encoder, self.decoder = ConvEncoder(s, self.dtype), ConvDecoder(s, self.dtype)
         self.quantizer = Quantizer(s.codebook_size, s.code_dim)
