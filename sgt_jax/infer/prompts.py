@@ -89,7 +89,7 @@ def t2i_pair(builder: sequences.SequenceBuilder, prompts: Sequence[str], **kw) -
 def default_instruction(proxy: str = "segmentation") -> str:
     """The first training instruction of a proxy (a fixed, in-distribution choice)."""
 
-    return text.INSTRUCTIONS[proxy][0]
+    return text_lib.INSTRUCTIONS[proxy][0]
 
 
 def proxy_prefixes(builder: sequences.SequenceBuilder, images, instructions: str | Sequence[str] | None = None, *,
