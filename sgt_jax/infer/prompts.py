@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sgt_jax.data import sequences, text
+from sgt_jax.data import sequences
+from sgt_jax.data import text as text_lib
 
 Batch = dict[str, np.ndarray]
 
