@@ -159,14 +159,6 @@ def test_section_rules_gan_weight_and_target_mix():
         assert "'model.vq.target_mix'" in msg and hint in msg, msg
 
 
-def test_shapes_world_tokenizer_must_fit_the_umm_vocabulary():
-    cfg = default_config()
-    cfg.stage = "umm"
-    cfg.data.tokenizer_vocab_size = 600  # > model.umm.llm.vocab_size 512
-    msg = _err(cfg)
-    assert "'data.tokenizer_vocab_size' = 600" in msg and "512" in msg
-
-
 def test_umm_rules_apply_whatever_was_imported_before():
     """The num_kv_heads=3 case fails the same way in a fresh process and after the UMM stage (and
     so every model module) was imported: rules are listed in checks.py, not registered on import."""

@@ -42,10 +42,6 @@ def check_config(cfg) -> None:
     if cfg.data.dataset not in DATASETS:
         raise ConfigError(f"config field 'data.dataset' = {cfg.data.dataset!r} is not allowed; "
                           f"allowed: {list(DATASETS)}")
-    vocab = cfg.model.umm.llm.vocab_size
-    if cfg.stage == "umm" and not cfg.data.tokenizer_dir and cfg.data.tokenizer_vocab_size > vocab:
-        raise ConfigError(f"config field 'data.tokenizer_vocab_size' = {cfg.data.tokenizer_vocab_size} is not "
-                          f"allowed; allowed: <= model.umm.llm.vocab_size ({vocab}), the ids the model embeds")
 
 
 def ensure_dataset(cfg, data_dir: str | None = None) -> str:
