@@ -28,6 +28,7 @@ setup(
         "numpy>=2.0,<3",
         "scipy>=1.13,<2",
         "pillow>=11,<13",
+        "pyarrow>=17,<27",  # LLaVA-OneVision and CV-Bench parquet files
         "matplotlib>=3.9,<4",
         "safetensors>=0.5,<1",
     ],

@@ -18,8 +18,9 @@ converted LLM/ViT and the VQ under params/vq, e.g. `tools/convert_checkpoint.py 
 "" = from scratch), `tokenizer=DIR` (local HF tokenizer, e.g. PATH/tokenizer of the conversion),
 `tensor=T` (tensor-parallel width, 0 = the shape's default), `accum=A` (micro-batches per step, 0 =
 the shape's default), `smoke` (same family, tiny, CPU tests).
-Data: the built-in Shapes World rendered at 384 px (the only record source built so far; the
-SAM-SGT / LLaVA builders plug in through `data.dataset` once they exist).
+Data: `data=shapes` (default) the built-in Shapes World rendered at 384 px; `data=real` reads
+SAM-SGT (`seg=sam_sgt`, `sam=DIR`) or COCO panoptic (`seg=coco_panoptic`, `coco=DIR`) for the proxy
+and LLaVA-OneVision (`llava=DIR`) for VQA, 2 : 1 by batch; needs `tokenizer=DIR`.
 """
 from sgt_jax.config import PROXIES, ConfigError, default_config, parse_arg
 
@@ -29,7 +30,8 @@ SHAPE = {  # Janus-Pro-1B
 }
 
 
-OPTIONS = dict(proxy="segmentation", init="", tokenizer="", tensor=0, accum=0, smoke=False)
+OPTIONS = dict(proxy="segmentation", init="", tokenizer="", tensor=0, accum=0, smoke=False, data="shapes",
+               seg="sam_sgt", sam="", coco="", llava="")
 
 
 def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
@@ -105,7 +107,29 @@ def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
         c.mesh.shape = (1, -1, 1)
         c.optim.grad_accum_steps = 1
         c.train.tensorboard = False
+    _real_data(c, a, proxy)
     return c
+
+
+def _real_data(c, a, proxy: str) -> None:
+    """`data=real`: SAM-SGT (`seg=sam_sgt`, default) or COCO panoptic (`seg=coco_panoptic`) feed the
+    proxy task, LLaVA-OneVision the VQA task, 2 : 1 by batch (the mixture weights above). Local
+    copies: `sam=DIR` / `coco=DIR` / `llava=DIR` (built on first use; see tools/build_dataset.py)."""
+    mode = a.data
+    if mode not in ("shapes", "real"):
+        raise ConfigError(f"option 'data' = {mode!r} is not allowed; allowed: ['shapes', 'real']")
+    if mode == "shapes":
+        return
+    seg = a.seg
+    if seg not in ("sam_sgt", "coco_panoptic"):
+        raise ConfigError(f"option 'seg' = {seg!r} is not allowed; allowed: ['sam_sgt', 'coco_panoptic']")
+    sources = {"understanding": "llava_onevision"}
+    if proxy != "none":
+        sources[f"proxy_{proxy}"] = seg
+    c.data.sources = sources
+    dirs = {"sam_sgt": a.sam, "coco_panoptic": a.coco, "llava_onevision": a.llava}
+    c.data.manual_dirs = {k: v for k, v in dirs.items() if v}
+    c.eval.num_examples = 0  # held-out loss needs a validation split; SAM-SGT / LLaVA ship train only
 
 
 def get_config(arg=None):

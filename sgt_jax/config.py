@@ -69,6 +69,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.heldout_size = 256
     # Task mixture weights by batch fraction; names in TASKS. SGT default is 2 proxy : 1 VQA.
     c.data.mixture = ml_collections.ConfigDict({"understanding": 1.0})
+    # Real datasets (sgt_jax.data.datasets.REAL_DATASETS): task -> dataset that feeds it (tasks not
+    # named read data.dataset), and dataset -> local copy of its release (TFDS manual_dir, used to
+    # build it on first use). E.g. {"proxy_segmentation": "sam_sgt", "understanding": "llava_onevision"}.
+    c.data.sources = ml_collections.ConfigDict({})
+    c.data.manual_dirs = ml_collections.ConfigDict({})
     c.data.shuffle_seed = 0
     c.data.num_workers = 0  # grain worker processes (0 = in-process)
     c.data.cond_dropout = 0.1  # drop the text condition of t2i / proxy samples (CFG)
@@ -206,6 +211,16 @@ def default_config() -> ml_collections.ConfigDict:
         ("codebook", None),
         ("code_dim", None),
     )
+
+    # ---- scale options of the UMM (issue 10; models/layers.py, models/umm.py, data/packing.py) ----
+    c.train.remat_policy = ""  # "" = follow train.remat ("full" / "none"); else a layers.REMAT_POLICIES name
+    c.model.umm.llm.attention = "xla"  # "xla" | "cudnn" | "splash" | "explicit"; the ViT follows (cudnn -> xla)
+    c.model.umm.llm.scan_unroll = 1  # decoder layers unrolled per nn.scan iteration (compile time vs step time)
+    c.model.umm.loss_chunk = 512  # LM-head positions per cross-entropy tile: [B, L, vocab] logits never exist
+    c.model.umm.text_loss_positions = 0  # LM head on this many text-loss positions per row (0 = all L)
+    c.data.packing = False  # pack variable-length examples into rows with segment ids (data/packing.py)
+    c.data.packing_bins = 8  # open rows of the first-fit packer
+    c.mesh.axis_rules = c.mesh.axis_rules + (("layers", None),)  # the scanned-layer axis of stacked params
 
     # ---- checkpointing ----
     c.checkpoint = ml_collections.ConfigDict()
@@ -465,7 +480,7 @@ def finalize(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # configs saved with a run
 # ---------------------------------------------------------------------------------------------
 # Dict-valued fields whose keys are free (checked by a rule instead of the schema).
-FREE_KEYS = ("data.mixture",)
+FREE_KEYS = ("data.mixture", "data.sources", "data.manual_dirs")
 # Fields older runs saved that the schema no longer has; dropped when such a run is loaded.
 RETIRED_FIELDS = ("model.vq.gan_start_step",)
 

@@ -120,7 +120,7 @@ def test_convert_writes_checkpoint_tokenizer_and_manifest(tiny, tmp_path):
     assert man["layout"] == "original" and man["dtype"] == "bf16"
     assert set(man["skipped"]) == {"gen_vision_model.quantize.codebook_used", "vision_model.vision_tower.attn_pool.latent"}
     assert sorted(man["mapping"]["vision_model.vision_tower.blocks.0.attn.qkv.weight"]) == [
-        "umm/vit/blocks_0/k/kernel", "umm/vit/blocks_0/q/kernel", "umm/vit/blocks_0/v/kernel"]
+        "umm/vit/blocks/k/kernel[0]", "umm/vit/blocks/q/kernel[0]", "umm/vit/blocks/v/kernel[0]"]
     assert man["mapping"]["gen_embed.weight"] == ["umm/code_embed/embedding"]
     assert man["special_ids"] == tiny["ids"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_params"] == man["num_params"]

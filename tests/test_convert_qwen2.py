@@ -74,14 +74,14 @@ def test_sharded_import_and_mot_copies(tmp_path):
              ("kv", None), ("vocab", "tensor"))
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     params, cfg = hf_qwen2.convert_llm(tmp_path, mesh=mesh, rules=rules, mot=True)
-    q = params["layers_0"]["attn"]["q"]["kernel"]
-    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    q = params["layers"]["attn"]["q"]["kernel"]  # stacked [depth, D, H, hd] for the scanned layers
+    assert q.shape[0] == cfg.depth and q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     assert params["lm_head"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     plain, _ = hf_qwen2.convert_llm(tmp_path)
-    np.testing.assert_array_equal(np.asarray(params["layers_1"]["mlp_gen"]["down"]["kernel"]),
-                                  np.asarray(plain["layers_1"]["mlp"]["down"]["kernel"]))
-    np.testing.assert_array_equal(np.asarray(params["layers_0"]["attn"]["k_gen"]["bias"]),
-                                  np.asarray(plain["layers_0"]["attn"]["k"]["bias"]))
+    np.testing.assert_array_equal(np.asarray(params["layers"]["mlp_gen"]["down"]["kernel"][1]),
+                                  np.asarray(plain["layers"]["mlp"]["down"]["kernel"][1]))
+    np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["k_gen"]["bias"][0]),
+                                  np.asarray(plain["layers"]["attn"]["k"]["bias"][0]))
     np.testing.assert_array_equal(np.asarray(params["final_norm_gen"]["scale"]), np.asarray(plain["final_norm"]["scale"]))
     assert cfg.mot and hf_qwen2.umm_overrides(cfg)["rope_theta"] == 5000.0
 
@@ -90,7 +90,7 @@ def test_bfloat16_checkpoint_is_read(tmp_path):
     model = build(tmp_path, "qwen2_tied", dtype=torch.bfloat16)
     params, _ = hf_qwen2.convert_llm(tmp_path)
     want = model.model.layers[1].mlp.up_proj.weight.detach().float().numpy().T
-    got = np.asarray(params["layers_1"]["mlp"]["up"]["kernel"])
+    got = np.asarray(params["layers"]["mlp"]["up"]["kernel"][1])
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, want)
 
@@ -140,7 +140,7 @@ def test_tool_writes_a_checkpoint_init_from_loads(tmp_path):
     assert not any(p.startswith("umm/gen_head") for p in paths)
     want_llm, _ = hf_qwen2.convert_llm(tmp_path / "llm")
     want_vit, _ = hf_siglip.convert_vit(tmp_path / "vit")
-    np.testing.assert_array_equal(np.asarray(loaded["umm"]["llm"]["layers_1"]["attn"]["q"]["kernel"]),
-                                  np.asarray(want_llm["layers_1"]["attn"]["q"]["kernel"]))
+    np.testing.assert_array_equal(np.asarray(loaded["umm"]["llm"]["layers"]["attn"]["q"]["kernel"][1]),
+                                  np.asarray(want_llm["layers"]["attn"]["q"]["kernel"][1]))
     np.testing.assert_array_equal(np.asarray(loaded["umm"]["vit"]["pos_embed"]), np.asarray(want_vit["pos_embed"]))
     assert not np.asarray(loaded["umm"]["gen_head"]["fc2"]["kernel"]).any()  # untouched by the import

@@ -59,15 +59,18 @@ def random_params(abstract, seed: int = 0):
 
     def fill(path, leaf):
         name = str(getattr(path[-1], "key", path[-1]))
+        shape = leaf.shape
+        if any(str(getattr(k, "key", k)) in ("layers", "blocks") for k in path):
+            leaf = jax.ShapeDtypeStruct(shape[1:], leaf.dtype)  # fan-in of one scanned layer
         if name == "scale":
-            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), jnp.float32)
+            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(shape), jnp.float32)
         fan_in = leaf.shape[0] if leaf.ndim > 1 else 1
         if name == "kernel" and leaf.ndim == 3 and str(getattr(path[-2], "key", "")).startswith("o"):
             fan_in = leaf.shape[0] * leaf.shape[1]
         if name == "kernel" and leaf.ndim == 4:  # conv
             fan_in = int(np.prod(leaf.shape[:3]))
         std = 0.5 if name == "embedding" else (0.05 if name == "bias" else fan_in ** -0.5)
-        return jnp.asarray(std * rng.standard_normal(leaf.shape), jnp.float32)
+        return jnp.asarray(std * rng.standard_normal(shape), jnp.float32)
 
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
@@ -185,7 +188,7 @@ def test_mot_routing():
             names = [str(getattr(k, "key", k)) for k in path]
             if names[0] != "llm" or any(n.endswith("_gen") for n in names) != gen_weights:
                 return leaf
-            if not gen_weights and not names[1].startswith("layers_"):
+            if not gen_weights and names[1] != "layers":
                 return leaf
             return leaf + 0.5 * jnp.asarray(rng.standard_normal(leaf.shape), leaf.dtype)
         return jax.tree_util.tree_map_with_path(f, tree)
@@ -238,10 +241,10 @@ def test_sharded_apply_matches_unsharded():
     rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.mesh.axis_rules)
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    assert shardings["llm"]["layers_0"]["attn"]["q"]["kernel"].spec == jax.sharding.PartitionSpec(
-        "fsdp", "tensor", None)
-    assert shardings["llm"]["layers_0"]["mlp_gen"]["down"]["kernel"].spec == jax.sharding.PartitionSpec(
-        "tensor", "fsdp")
+    assert shardings["llm"]["layers"]["attn"]["q"]["kernel"].spec == jax.sharding.PartitionSpec(
+        None, "fsdp", "tensor", None)
+    assert shardings["llm"]["layers"]["mlp_gen"]["down"]["kernel"].spec == jax.sharding.PartitionSpec(
+        None, "tensor", "fsdp")
     sharded = jax.tree_util.tree_map(jax.device_put, params, shardings)
     inputs = make_inputs()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -295,7 +298,7 @@ def _cached_decode(model, params, prompt, lengths, code_mode: bool):
         cache = umm_lib.init_cache(model.cfg, B, total, jnp.float32)
         out, cache = model.apply({"params": params}, inputs, cache, method=umm_lib.UMM.prefill)
         key = "gen_logits" if code_mode else "text_logits"
-        last = out[key][jnp.arange(B), cache["length"] - 1]
+        last = out[key]  # prefill gives the last real position's logits
         seq = jnp.zeros((B, STEPS), jnp.int32).at[:, 0].set(jnp.argmax(last, -1))
         logits = jnp.zeros((B, STEPS, last.shape[-1])).at[:, 0].set(last)
         flag = jnp.full((B,), int(code_mode), jnp.int32)

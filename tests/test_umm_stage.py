@@ -229,3 +229,24 @@ def test_gen_loss_weight_scales_the_code_loss_only(tok_dir):
     assert float(m2["gen_loss"]) == pytest.approx(2.5 * float(m["gen_loss"]), rel=1e-5)
     assert float(m2["text_loss"]) == pytest.approx(float(m["text_loss"]), rel=1e-6)
     assert float(loss2) - float(loss) == pytest.approx(1.5 * float(m["gen_loss"]), rel=1e-4)
+
+
+def test_gathered_text_loss_positions_give_the_same_loss(tok_dir):
+    """model.umm.text_loss_positions = the batch's max count: same loss as the LM head everywhere;
+    fewer: the overflow is reported, not hidden."""
+    cfg = _smoke("base_shapes", "smoke", tok_dir)
+    stage = InMemoryUMMStage(cfg)
+    batch = _fixed_batch(stage)
+    params, _ = jax.jit(stage.init)(jax.random.key(0), batch)
+    import flax.linen as nn
+
+    params = nn.unbox(params)
+    counts = (np.asarray(batch["text_loss_weight"]) > 0).sum(1)
+    ref_loss, ref = jax.jit(stage.losses)(params, batch)
+    for k, dropped in ((int(counts.max()), 0.0), (int(counts.max()) - 1, float(np.sum(counts == counts.max())))):
+        cfg.model.umm.text_loss_positions = k
+        loss, m = jax.jit(UMMStage(cfg).losses)(params, batch)
+        assert float(m["text_loss_dropped"]) * len(counts) == pytest.approx(dropped)
+        if not dropped:
+            np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+            np.testing.assert_allclose(float(m["text_acc"]), float(ref["text_acc"]), rtol=1e-6)

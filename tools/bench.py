@@ -13,6 +13,11 @@ stage's analytic FLOPs, MFU against the per-platform peak (`--peak_tflops` or
 simulated devices), and each variant's step time relative to the first. `--sampler` times
 `sgt_jax.infer.sampler.generate_codes` (codes/s, with CFG) of each variant instead.
 
+`--suite=scale` runs the issue-10 comparisons in one go instead (tools/scale_bench.py):
+
+    git worktree add /tmp/before f1d12ac   # the unrolled layers, for the before/after table
+    python tools/bench.py --suite=scale --before_src=/tmp/before --steps=10 --warmup=2 [--out=runs/bench/scale]
+
 A variant is `name:field=value,field=value` over the base config (which `--config.field=value`
 flags change for all variants); a bare `name` is the base config itself.
 """
@@ -40,7 +45,12 @@ _SAMPLER_BATCH = flags.DEFINE_integer("sampler_batch", 4, "Images per sampler ca
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Prompt positions per sampler row.")
 _NO_CFG = flags.DEFINE_bool("no_cfg", False, "Sampler without classifier-free guidance (no doubled batch).")
 _OUT = flags.DEFINE_string("out", "", "Also write the table to OUT.json and OUT.md.")
-flags.mark_flags_as_required(["config"])
+_SUITE = flags.DEFINE_enum("suite", "", ["", "scale", "scale_small"],
+                           "Run the issue-10 speed suite instead (tools/scale_bench.py; --config is then ignored): "
+                           "train step, umm_1b compile time, tokens/s vs torch, CFG sampling vs HF generate. "
+                           "'scale_small' shrinks every size (a quick check that the suite runs).")
+_BEFORE = flags.DEFINE_string("before_src", "", "With --suite: a checkout of the old code (e.g. `git worktree add "
+                              "/tmp/before f1d12ac`) whose tools/bench.py times the same train steps first.")
 
 
 def _simulate_devices(n: int) -> None:
@@ -81,6 +91,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     _simulate_devices(_DEVICES.value)
+    if _SUITE.value:
+        return run_suite(small=_SUITE.value == "scale_small")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required (unless --suite is given)")
     import bench_lib as bench  # tools/bench_lib.py: imports jax, so after the device flag
 
     variants = [bench.parse_variant(v) for v in (_VARIANTS.value or ["base"])]
@@ -125,6 +139,22 @@ def main(argv):
                                                        for v in variants],
                                "mode": "sampler" if _SAMPLER.value else "train_step",
                                "rows": [r.as_dict() for r in rows]}, table, header)
+        print(f"wrote {_OUT.value}.json / .md")
+
+
+def run_suite(small: bool) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import scale_bench
+
+    env = environment()
+    header = (f"# bench --suite={'scale_small' if small else 'scale'}  ({env['backend']} {env['device_kind']} "
+              f"x{env['devices']}, jax {env['jax']}, {env['date']}, load {env.get('load_avg_1m', float('nan')):.2f}; "
+              f"medians of {_STEPS.value} interleaved rounds after {_WARMUP.value} warm-up)")
+    print(header, flush=True)
+    payload, text = scale_bench.run(small=small, steps=_STEPS.value, warmup=_WARMUP.value, before_src=_BEFORE.value)
+    print(text)
+    if _OUT.value:
+        write_out(_OUT.value, {"env": env, "mode": "suite", **payload}, text, header)
         print(f"wrote {_OUT.value}.json / .md")
 
 

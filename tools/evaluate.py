@@ -3,10 +3,13 @@
     python tools/evaluate.py --config=configs/vq_shapes.py --workdir=runs/vq [--step=-1]
     python tools/evaluate.py --workdir=runs/sgt [--data_dir=DIR] [--config.eval.umm.mcq_items=96 ...]
 
+    python tools/evaluate.py --workdir=runs/sgt_1b --cvbench_dir=/data/CV-Bench [--cvbench_method=both]
+
 A UMM run needs no --config: its checkpoint holds the config it trained with, and
 `--config.eval.umm.FIELD=VALUE` overrides (the same flags as everywhere) are applied to it; without
 --config only `eval.*` fields may be overridden. Exit code 2 for user errors (bad flags, a workdir
-without a checkpoint, an invalid config).
+without a checkpoint, an invalid config). --cvbench_dir scores the run on a local copy of the real
+CV-Bench instead (sgt_jax/eval/cvbench_real.py) and writes WORKDIR/eval/cvbench.json.
 
 Stages register an evaluator in `EVALUATORS` (stage name -> fn(cfg, workdir, step) -> metrics).
 """
@@ -28,7 +31,38 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/ (also where eval/ goes).")
 _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step to evaluate (-1 = latest).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "UMM runs: where the dataset / tokenizer live (default: the run's).")
+_CVBENCH_DIR = flags.DEFINE_string("cvbench_dir", "", "UMM runs: score the real CV-Bench from this local copy.")
+_CVBENCH_METHOD = flags.DEFINE_enum("cvbench_method", "likelihood", ["likelihood", "generate", "both"],
+                                    "CV-Bench answers: choice likelihood, greedy generation, or both.")
+_CVBENCH_LIMIT = flags.DEFINE_integer("cvbench_limit", 0, "Score only the first N CV-Bench items (0 = all).")
 flags.mark_flags_as_required(["workdir"])
+
+
+def evaluate_cvbench_real(workdir: str, step: int) -> int:
+    """The real CV-Bench on a UMM run; prints the table, writes eval/cvbench.json."""
+    from sgt_jax.eval import cvbench_real
+    from sgt_jax.eval.umm_run import UMMRun
+    from sgt_jax.train import restore
+
+    try:
+        cvbench_real.find_layout(_CVBENCH_DIR.value)
+    except FileNotFoundError as e:
+        logging.error("--cvbench_dir: %s", e)
+        return 2
+    if restore.saved_stage(os.path.abspath(workdir), step) != "umm":
+        logging.error("--workdir=%r holds no UMM checkpoint", workdir)
+        return 2
+    run = UMMRun.from_workdir(os.path.abspath(workdir), step=step, data_dir=_DATA_DIR.value or None)
+    res = cvbench_real.evaluate(run, _CVBENCH_DIR.value, method=_CVBENCH_METHOD.value,
+                                batch_size=int(run.cfg.eval.umm.batch_size), limit=_CVBENCH_LIMIT.value or None)
+    res["step"], res["cvbench_dir"] = int(run.step), os.path.abspath(_CVBENCH_DIR.value)
+    path = os.path.join(workdir, "eval", "cvbench.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print(cvbench_real.format_table(res))
+    print(f"wrote {path}")
+    return 0
 
 
 def evaluate_vq(cfg, workdir: str, step: int) -> dict:
@@ -96,6 +130,8 @@ def resolve_config(workdir: str, step: int):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CVBENCH_DIR.value:
+        return evaluate_cvbench_real(_WORKDIR.value, _STEP.value)
     from sgt_jax.config import ConfigError
     from sgt_jax.train import checkpoint as ckpt_lib
 

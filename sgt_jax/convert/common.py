@@ -83,6 +83,49 @@ def _read_raw(path: Path, name: str) -> np.ndarray:
     return np.array(data).view(dtype).reshape(info["shape"])
 
 
+class StackedLeaf:
+    """Per-layer tensors not read yet (e.g. the Janus importer's lazy tensors), stacked on demand:
+    `materialize` reads them one at a time into the [depth, ...] array; `sources` lists their keys."""
+
+    def __init__(self, parts: list):
+        self.parts = list(parts)
+        self.shape = (len(self.parts),) + tuple(self.parts[0].shape)
+        self.sources = tuple(getattr(p, "source", None) for p in self.parts)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def materialize(self, dtype=None) -> np.ndarray:
+        first = self.parts[0].materialize(dtype)
+        out = np.empty(self.shape, first.dtype)
+        out[0] = first
+        for i, part in enumerate(self.parts[1:], start=1):
+            out[i] = part.materialize(dtype)
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        return self.materialize(dtype)
+
+
+def stack_layers(layers: list[PyTree]) -> PyTree:
+    """Per-layer trees (HF order) -> one tree with a leading layer axis on every leaf.
+
+    The one place the scanned layout is made: the models run their layers under `nn.scan`
+    (`layers.scanned`), whose parameters are the per-layer ones stacked on axis 0. Lazy leaves
+    (anything with `materialize`) stay lazy as a `StackedLeaf`.
+    """
+    if not layers:
+        raise ValueError("no layers to stack")
+
+    def stack(*xs):
+        if any(hasattr(x, "materialize") for x in xs):
+            return StackedLeaf(list(xs))
+        return np.stack([np.asarray(x) for x in xs])
+
+    return jax.tree_util.tree_map(stack, *layers)
+
+
 def check_tree(converted: PyTree, abstract: PyTree, what: str) -> None:
     """Raise unless `converted` has exactly the paths and shapes of the model's parameter tree."""
     def flat(tree):

@@ -5,6 +5,7 @@ RMSNorms, `model.embed_tokens`, optional `lm_head`); they differ in flags the co
 reads: Qwen2 has q/k/v bias, Llama's `attention_bias` adds q/k/v/o bias, Qwen3 adds per-head
 q/k RMSNorm. Torch `Linear` weights are [out, in]; ours are [in, out] with head axes split out.
 With `mot=True` the generation weights (`*_gen`) start as copies of the text weights (BAGEL).
+`_layer` converts one HF layer; `common.stack_layers` stacks them into the scanned `layers` tree.
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from sgt_jax.convert.common import HFCheckpoint, check_tree, place, report_unused
+from sgt_jax.convert.common import HFCheckpoint, check_tree, place, report_unused, stack_layers
 from sgt_jax.models.llm import CausalLM, LLMConfig
 
 SUPPORTED = ("qwen2", "llama", "qwen3")
 
 
-def llm_config_from_hf(hf: dict, *, dtype: str = "float32", remat: bool = False, mot: bool = False) -> LLMConfig:
+def llm_config_from_hf(hf: dict, *, dtype: str = "float32", remat: str | bool = "none", mot: bool = False) -> LLMConfig:
     """Map a HF config.json dict onto `LLMConfig`; raise on features the decoder does not implement."""
     kind = hf.get("model_type", "")
     if kind not in SUPPORTED:
@@ -81,18 +82,20 @@ def _layer(ckpt: HFCheckpoint, p: str, cfg: LLMConfig) -> dict:
 
 
 def _add_mot_copies(tree: dict) -> dict:
-    """Give every routed module a `_gen` twin initialised from the text weights."""
-    out = {}
-    for key, value in tree.items():
-        out[key] = _add_mot_copies(value) if isinstance(value, dict) and key.startswith("layers_") else value
-    for key in list(tree):
-        if key.startswith("layers_"):
-            layer = out[key]
-            for name in ("attn_norm", "mlp_norm", "mlp"):
-                layer[name + "_gen"] = jax.tree_util.tree_map(np.copy, layer[name])
-            attn = layer["attn"]
-            for name in [n for n in attn if n in ("q", "k", "v", "o", "q_norm", "k_norm")]:
-                attn[name + "_gen"] = jax.tree_util.tree_map(np.copy, attn[name])
+    """Give every routed module a `_gen` twin initialised from the text weights.
+
+    `tree` is an `LLM` parameter tree with the stacked `layers` subtree (or one layer's dict under
+    `layers`): the copies keep whatever leading layer axis the text weights have.
+    """
+    out = dict(tree)
+    layer = dict(out["layers"])
+    for name in ("attn_norm", "mlp_norm", "mlp"):
+        layer[name + "_gen"] = jax.tree_util.tree_map(np.copy, layer[name])
+    attn = dict(layer["attn"])
+    for name in [n for n in layer["attn"] if n in ("q", "k", "v", "o", "q_norm", "k_norm")]:
+        attn[name + "_gen"] = jax.tree_util.tree_map(np.copy, attn[name])
+    layer["attn"] = attn
+    out["layers"] = layer
     if "final_norm" in tree:
         out["final_norm_gen"] = jax.tree_util.tree_map(np.copy, tree["final_norm"])
     return out
@@ -104,8 +107,7 @@ def llm_params(ckpt, cfg: LLMConfig, prefix: str, lm_head_key: str) -> dict:
     importer reuses it through a renaming view."""
     params: dict = {"embedder": {"embedding": ckpt.get(f"{prefix}embed_tokens.weight")},
                     "final_norm": {"scale": ckpt.get(f"{prefix}norm.weight")}}
-    for i in range(cfg.depth):
-        params[f"layers_{i}"] = _layer(ckpt, f"{prefix}layers.{i}.", cfg)
+    params["layers"] = stack_layers([_layer(ckpt, f"{prefix}layers.{i}.", cfg) for i in range(cfg.depth)])
     if not cfg.tied_embeddings:
         params["lm_head"] = {"kernel": ckpt.get(lm_head_key).T}
     if cfg.mot:
@@ -113,7 +115,7 @@ def llm_params(ckpt, cfg: LLMConfig, prefix: str, lm_head_key: str) -> dict:
     return params
 
 
-def convert_llm(directory: str | Path, *, mot: bool = False, dtype: str = "float32", remat: bool = False,
+def convert_llm(directory: str | Path, *, mot: bool = False, dtype: str = "float32", remat: str | bool = "none",
                 mesh: jax.sharding.Mesh | None = None, rules: Iterable | None = None,
                 param_dtype=np.float32) -> tuple[dict, LLMConfig]:
     """Read a local HF decoder checkpoint -> (params of `LLM` (the UMM's `llm` subtree), its config).

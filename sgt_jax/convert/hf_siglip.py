@@ -3,7 +3,8 @@
 Works for `SiglipVisionModel` directories (tensors `embeddings.*`, `encoder.*`, `post_layernorm.*`)
 and full `SiglipModel` ones (the same under `vision_model.`). The attention-pooling head is not
 used (the UMM reads patch tokens). Blocks past `select_layer` are dropped, as the ViT never builds
-them. The conv kernel goes from torch [out, in, kh, kw] to flax [kh, kw, in, out].
+them. The conv kernel goes from torch [out, in, kh, kw] to flax [kh, kw, in, out]. `_block` converts
+one HF layer; `common.stack_layers` stacks them into the scanned `blocks` tree.
 """
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from sgt_jax.convert.common import HFCheckpoint, check_tree, place, report_unused
+from sgt_jax.convert.common import HFCheckpoint, check_tree, place, report_unused, stack_layers
 from sgt_jax.models.vit import ViT, ViTConfig
 
 
 def vit_config_from_hf(hf: dict, *, select_layer: int = -1, post_norm: bool = True, dtype: str = "float32",
-                       remat: bool = False) -> ViTConfig:
+                       remat: str | bool = "none") -> ViTConfig:
     """Map a SigLIP config.json (vision part) onto `ViTConfig`."""
     if "vision_config" in hf:  # full SiglipModel config
         hf = hf["vision_config"]
@@ -76,8 +77,9 @@ def vit_params(ckpt, cfg: ViTConfig, prefix: str) -> dict:
                         "bias": ckpt.get(f"{prefix}embeddings.patch_embedding.bias")},
         "pos_embed": ckpt.get(f"{prefix}embeddings.position_embedding.weight"),
     }
-    for i in range(cfg.num_blocks):
-        params[f"blocks_{i}"] = _block(ckpt, f"{prefix}encoder.layers.{i}.", cfg)
+    if cfg.num_blocks:
+        params["blocks"] = stack_layers([_block(ckpt, f"{prefix}encoder.layers.{i}.", cfg)
+                                         for i in range(cfg.num_blocks)])
     if cfg.post_norm:
         params["post_norm"] = _ln(ckpt, f"{prefix}post_layernorm")
     return params
@@ -90,7 +92,7 @@ def abstract_vit(cfg: ViTConfig):
 
 
 def convert_vit(directory: str | Path, *, select_layer: int = -1, post_norm: bool = True, dtype: str = "float32",
-                remat: bool = False, mesh: jax.sharding.Mesh | None = None, rules: Iterable | None = None,
+                remat: str | bool = "none", mesh: jax.sharding.Mesh | None = None, rules: Iterable | None = None,
                 param_dtype=np.float32) -> tuple[dict, ViTConfig]:
     """Read a local SigLIP checkpoint -> (params of `ViT` (the UMM's `vit` subtree), its config)."""
     ckpt = HFCheckpoint(directory)

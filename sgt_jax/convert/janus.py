@@ -581,7 +581,11 @@ def convert(directory: str | Path, out_dir: str | Path, *, dtype: str = "bf16", 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     mapping: dict[str, list[str]] = {}
     for path, leaf in leaves:
-        mapping.setdefault(leaf.source, []).append(_path(path))
+        if hasattr(leaf, "sources"):  # a stacked (scanned) layer leaf: source i -> path[i]
+            for i, source in enumerate(leaf.sources):
+                mapping.setdefault(source, []).append(f"{_path(path)}[{i}]")
+        else:
+            mapping.setdefault(leaf.source, []).append(_path(path))
     all_keys = src.source.keys()
     skipped = sorted(k for k in all_keys if k not in mapping)
     unused_blocks = re.compile(r"(encoder\.layers|vision_tower\.blocks)\.(\d+)\.")

@@ -29,7 +29,7 @@ from sgt_jax.data.mixture import Mixture, Transform
 from sgt_jax.data.records import RecordSource
 
 SKIP_CATEGORIES = ("undecodable", "missing_field", "bad_dtype", "bad_shape", "empty_objects", "bad_objects",
-                   "inconsistent_maps", "other")
+                   "inconsistent_maps", "no_instance", "empty_conversation", "other")
 _STATE_KEY = "sgt_skipped"
 
 
@@ -50,6 +50,8 @@ class _ValidatedSource:
             raw = self._source.raw[index]
         except Exception as e:  # an unreadable chunk is one bad record, not a dead run
             return records.Invalid(fallback, f"undecodable: read failed: {type(e).__name__}: {e}")
+        if self._source.decode is not None:
+            return self._source.decode(raw, fallback)
         return records.decode_and_validate(raw, self._source.deserialize, fallback, image_size=self._image_size)
 
     def __repr__(self) -> str:  # grain uses it in pipeline summaries
@@ -220,6 +222,10 @@ def make_dataset(cfg, split: str, transform: Transform | Mixture, *, process_ind
     read = grain.ReadOptions(num_threads=max(1, min(16, os.cpu_count() or 1)),
                              prefetch_buffer_size=max(16, 2 * batch_size))
     it_ds = _SkipInvalidIterDataset(ds.to_iter_dataset(read), max_consecutive_skips)
+    if cfg.data.get("packing", False):  # variable-length text examples share rows (data/packing.py)
+        from sgt_jax.data import packing
+
+        it_ds = packing.pack(it_ds, cfg.data.max_seq_len, num_bins=cfg.data.packing_bins, seed=seed)
     it_ds = it_ds.batch(batch_size, drop_remainder=True)
     num_workers = cfg.data.num_workers if num_workers is None else num_workers
     if num_workers > 0:

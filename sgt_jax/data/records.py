@@ -120,11 +120,15 @@ def decode_and_validate(raw: bytes, deserialize: Callable[[bytes], Mapping[str, 
 
 @dataclasses.dataclass(frozen=True)
 class RecordSource:
-    """Random-access raw records and their TF-free deserializer; picklable for grain workers."""
+    """Random-access raw records and their TF-free deserializer; picklable for grain workers.
+
+    `decode(raw, fallback_key) -> record | records.Invalid`, when set, replaces the Shapes World
+    deserialize + validate (real datasets: `real_records.RealDecoder`)."""
 
     raw: Sequence[bytes]
     deserialize: Callable[[bytes], Mapping[str, Any]]
     name: str
+    decode: Callable[[bytes, str], Any] | None = None
 
     @classmethod
     def from_tfds(cls, data_source, name: str) -> "RecordSource":

@@ -36,6 +36,7 @@ import numpy as np
 
 from sgt_jax.config import PROXIES, ROW_TOKENS, TASKS, umm_dims
 from sgt_jax.data import render, text
+from sgt_jax.data.mixture import Mixture
 from sgt_jax.data.tokenizer import special_token_ids
 
 Example = dict[str, np.ndarray]
@@ -248,6 +249,27 @@ class SequenceBuilder:
         return self._row(tokens, w, [False] * len(tokens), task="understanding", vit_image=image, vit_start=2,
                          target_image=None, gen_start=-1, truncated=cut_a or cut_q)
 
+    def conversation(self, image: np.ndarray, turns: Sequence[tuple[str, str]]) -> Example:
+        """Multi-turn VQA on one row: `<bos> <img> [V] </img> q1 a1 <eos> q2 a2 <eos> ...`, loss (text
+        weight) on every answer and its <eos>, none on the questions. One turn is exactly
+        `understanding`; turns that do not fit after the first are dropped (truncated = 1)."""
+        if not turns:
+            raise ValueError("conversation needs at least one (question, answer) turn")
+        first = self.understanding(image, turns[0][0], turns[0][1])
+        if len(turns) == 1 or first["truncated"]:
+            return first
+        V = self.layout.num_vit_tokens
+        tokens, weights, cut = [self.ids.bos] + self.vit_span(), [0.0] * (3 + V), False
+        for question, answer in turns:
+            q, a = self.encode(question), self.answer_ids(answer) + [self.ids.eos]
+            if len(tokens) + len(q) + len(a) > self.layout.max_seq_len:
+                cut = True
+                break
+            tokens += q + a
+            weights += [0.0] * len(q) + [self.layout.text_weight] * len(a)
+        return self._row(tokens, weights, [False] * len(tokens), task="understanding", vit_image=image, vit_start=2,
+                         target_image=None, gen_start=-1, truncated=cut)
+
     def text_to_image(self, prompt: str, target: np.ndarray, drop: bool) -> Example:
         """`<bos> prompt <boi> [N codes] <eoi>`; loss on the codes. `drop`: CFG unconditional row."""
         N = self.layout.num_codes
@@ -307,11 +329,14 @@ class _Transform:
 
 
 class UnderstandingTransform(_Transform):
-    """Record -> understanding row. Records with `question`/`answer` (real VQA data) are used as is;
+    """Record -> understanding row. Records with `turns` (multi-turn VQA) become one conversation row,
+    records with `question`/`answer` are used as is;
     Shapes World scenes draw a caption (prob `caption_fraction`) or one of their MCQ items."""
 
     def __call__(self, record, rng):
         b = self.builder
+        if "turns" in record:  # real multi-turn VQA (e.g. LLaVA-OneVision)
+            return b.conversation(_image(record), record["turns"])
         if "question" in record and "answer" in record:
             return b.understanding(_image(record), str(record["question"]), str(record["answer"]))
         questions = [] if rng.random() < b.layout.caption_fraction else text.mcq_questions(record, rng)
@@ -368,3 +393,8 @@ def task_transform(builder: SequenceBuilder, task: str) -> TaskTransform:
         return ProxyTransform(builder, task[len("proxy_"):])
     raise ValueError(f"unknown task {task!r}; allowed: {list(TASKS)}")
 
+
+def make_task_transforms(cfg, tokenizer) -> Mixture:
+    """The run's `Mixture` (`data.mixture`) with one sequence transform per task, for the grain pipeline."""
+    builder = SequenceBuilder.from_config(cfg, tokenizer)
+    return Mixture.from_config(cfg, lambda task: task_transform(builder, task))

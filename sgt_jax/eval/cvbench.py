@@ -64,10 +64,9 @@ def _choice_logprobs(model, params, prefix: dict, choices: jax.Array, mask: jax.
     from sgt_jax.models import umm as umm_lib
 
     b, _, t = choices.shape
-    lengths = jnp.sum(prefix["attn_mask"] > 0, axis=1).astype(jnp.int32)
     cache = umm_lib.init_cache(model.cfg, b, prefix["tokens"].shape[1] + t)
     out, cache = model.apply({"params": params}, prefix, cache, method=umm_lib.UMM.prefill)
-    first = jax.nn.log_softmax(out["text_logits"][jnp.arange(b), lengths - 1].astype(jnp.float32), axis=-1)
+    first = jax.nn.log_softmax(out["text_logits"].astype(jnp.float32), axis=-1)
     zeros = jnp.zeros((b,), jnp.int32)
 
     def score(args):

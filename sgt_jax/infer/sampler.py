@@ -165,7 +165,7 @@ def _codes_fn(model: umm_lib.UMM, num_codes: int, use_cfg: bool, return_logits: 
         rows = prefix["tokens"].shape[0]
         b = rows // 2 if use_cfg else rows
         out, cache, lengths = _prefill(model, params, prefix, num_codes, gen_last=True)
-        first = out["gen_logits"][jnp.arange(rows), lengths - 1]
+        first = out["gen_logits"]  # prefill returns the last position's logits
 
         def pick(logits, t):
             if use_cfg:
@@ -226,7 +226,7 @@ def _text_fn(model: umm_lib.UMM, max_new_tokens: int):
     def run(params, prefix, knobs, rng, eos_id, pad_id):
         b = prefix["tokens"].shape[0]
         out, cache, lengths = _prefill(model, params, prefix, max_new_tokens, gen_last=False)
-        first = out["text_logits"][jnp.arange(b), lengths - 1]
+        first = out["text_logits"]
 
         def pick(logits, t):
             return sample_logits(logits, jax.random.fold_in(rng, t), knobs["temperature"], knobs["top_k"],

@@ -4,17 +4,75 @@ Every parameter is created through `nn.with_logical_partitioning`, so the train 
 model by mapping logical axis names (`embed`, `mlp`, `heads`, `kv_heads`, `kv`, `vocab`, ...) onto
 mesh axes with the config's rules. Parameters are float32; matmuls run in the compute dtype and
 numerically sensitive parts (norm statistics, softmax) run in float32.
+
+Also here: the layer-stack transform (`scanned`: nn.scan + a named remat policy), the attention
+kernels behind one `dot_attention` (XLA / cuDNN fused, Pallas splash, explicit probabilities) with
+masks described by `AttnSpec`, and the sequence-tiled cross-entropy of a big-vocabulary head.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
-NEG_INF = -1e30  # additive mask value; finite so fully masked rows give a uniform softmax, not NaN
+NEG_INF = -1e30  # masked-logit value; finite so fully masked rows give a uniform softmax, not NaN
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "explicit")
+
+# Remat policies by MaxText's names. Projections are tagged with `checkpoint_name` (query_proj,
+# key_proj, value_proj, out_proj, mlpwi, mlpwo) so the name-based policies can pick them.
+_QKV = ("query_proj", "key_proj", "value_proj")
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # no rematerialisation: everything the backward pass needs is stored
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.save_only_these_names(*_QKV, "out_proj", "mlpwi", "mlpwo"),
+    "save_dots_except_mlp": jax.checkpoint_policies.save_only_these_names(*_QKV, "out_proj"),
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(*_QKV),
+    "save_out_proj": jax.checkpoint_policies.save_only_these_names("out_proj"),
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def remat_policy_name(value: str | bool) -> str:
+    """Normalise a remat setting: True -> "full", False -> "none", names are checked."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {value!r} is not known; allowed: {sorted(REMAT_POLICIES)}")
+    return value
+
+
+def remat(module_cls, policy: str, **kwargs):
+    """`nn.remat(module_cls)` under the named policy, or the class itself for "none"."""
+    policy = remat_policy_name(policy)
+    if policy == "none":
+        return module_cls
+    return nn.remat(module_cls, policy=REMAT_POLICIES[policy], **kwargs)
+
+
+def scanned(layer_cls, cfg_remat, length: int, n_broadcast_before: int, scanned_args: int = 0,
+            n_broadcast_after: int = 0, unroll: int = 1):
+    """`layer_cls` rematerialised by policy name and scanned over `length` stacked layers.
+
+    The parameters get a leading `layers` axis (logical name "layers"); the call's arguments after
+    the carry are broadcast except `scanned_args` of them (sliced along axis 0, e.g. the KV cache).
+    `unroll` layers are unrolled per loop iteration (more compile time, sometimes a faster step).
+    """
+    body = remat(layer_cls, cfg_remat, prevent_cse=False)
+    in_axes = (nn.broadcast,) * n_broadcast_before + (0,) * scanned_args + (nn.broadcast,) * n_broadcast_after
+    return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
+                   length=length, unroll=max(1, min(int(unroll), max(length, 1))),
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+def tag(x: jax.Array, name: str) -> jax.Array:
+    """Name an activation for the remat policies."""
+    return checkpoint_name(x, name)
 
 
 def init(base: nn.initializers.Initializer, names: Sequence[str | None]) -> nn.initializers.Initializer:
@@ -108,23 +166,176 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
-                  return_probs: bool = False) -> tuple[jax.Array, jax.Array | None]:
-    """Grouped-query attention.
+@flax.struct.dataclass
+class AttnSpec:
+    """Which keys each query sees, plus the static switches of one attention call.
 
-    q: [B, Lq, H, D]; k, v: [B, Lk, KVH, D] with H a multiple of KVH; bias: additive float32
-    broadcastable to [B, 1, Lq, Lk] (0 = attend, NEG_INF = masked). Logits and softmax in float32.
-    Returns ([B, Lq, H, D], probs [B, H, Lq, Lk] float32 or None).
+    Masks are described, never materialised as [L, L] biases: `kv_lengths` int32[B] (keys at
+    positions >= length are padding; right-padded rows), `segment_ids` int32[B, L] for packed rows
+    (a query sees keys of its own segment only; 0 = padding), `causal` (key j <= query i). The
+    static fields travel as pytree metadata, so a spec passes through `nn.scan` / remat unchanged.
+    """
+
+    kv_lengths: jax.Array | None = None
+    segment_ids: jax.Array | None = None
+    causal: bool = flax.struct.field(pytree_node=False, default=True)
+    impl: str = flax.struct.field(pytree_node=False, default="xla")
+    return_probs: bool = flax.struct.field(pytree_node=False, default=False)
+    decode: bool = flax.struct.field(pytree_node=False, default=False)
+    return_hidden: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+def check_impl(impl: str) -> str:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {impl!r} is not known; allowed: {ATTENTION_IMPLS}")
+    return impl
+
+
+def attention_mask(spec: AttnSpec, lq: int, lk: int) -> jax.Array:
+    """Boolean mask broadcastable to [B, 1, Lq, Lk] (True = attend), built from the spec.
+
+    With `causal`, query i of Lq sits at key position i + (Lk - Lq) (the queries are the last Lq
+    positions), which also covers Lq == Lk.
+    """
+    ok = jnp.ones((1, 1, lq, lk), bool)
+    if spec.causal:
+        ok = ok & (jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None] + (lk - lq))[None, None]
+    if spec.kv_lengths is not None:
+        ok = ok & (jnp.arange(lk)[None, :] < spec.kv_lengths[:, None])[:, None, None, :]
+    if spec.segment_ids is not None:
+        seg = spec.segment_ids
+        ok = ok & (seg[:, -lq:, None] == seg[:, None, :])[:, None]
+    return ok
+
+
+def explicit_attention(q, k, v, spec: AttnSpec, return_probs: bool = False):
+    """Grouped-query attention with float32 logits and softmax, returning the probabilities.
+
+    q: [B, Lq, H, D]; k, v: [B, Lk, KVH, D] with H a multiple of KVH. The reference path, and the
+    one the attention analysis (`return_attn`) needs. Returns ([B, Lq, H, D], probs [B, H, Lq, Lk]).
     """
     b, lq, h, d = q.shape
     kvh = k.shape[2]
-    g = h // kvh
-    qg = q.reshape(b, lq, kvh, g, d)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * (d ** -0.5)
-    if bias is not None:
-        logits = logits + bias[:, :, None]  # [B, 1, 1, Lq, Lk] over (kvh, g)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v)
-    out = out.reshape(b, lq, h, d)
+    qg = q.reshape(b, lq, kvh, h // kvh, d)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    mask = attention_mask(spec, lq, k.shape[1])[:, :, None]  # [B, 1, 1, Lq, Lk] over (kvh, g)
+    probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v).reshape(b, lq, h, d)
     return out, (probs.reshape(b, h, lq, -1) if return_probs else None)
+
+
+def fused_attention(q, k, v, spec: AttnSpec, implementation: str | None = None):
+    """`jax.nn.dot_product_attention` (XLA or cuDNN): causality and lengths go in as arguments; a
+    boolean mask is built only for packed rows (segment ids) or a causal query suffix."""
+    lq, lk = q.shape[1], k.shape[1]
+    causal = spec.causal and lq == lk
+    mask = None
+    if spec.segment_ids is not None or (spec.causal and not causal):
+        mask = attention_mask(spec.replace(causal=spec.causal and not causal, kv_lengths=None), lq, lk)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                        key_value_seq_lengths=spec.kv_lengths, implementation=implementation)
+
+
+def _splash_local(q, k, v, seg, causal: bool, interpret: bool):
+    """Splash attention on one device's shard: q [B, H, L, D] (pre-scaled), k / v [B, KVH, L, D]."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    h, length = q.shape[1], q.shape[2]
+    one = sm.CausalMask((length, length)) if causal else sm.FullMask((length, length))
+    block = next((n for n in (512, 256, 128) if length % n == 0), length)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * h), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
+    return jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=sk.SegmentIds(q=s, kv=s)))(q, k, v, seg)
+
+
+def splash_attention(q, k, v, spec: AttnSpec):
+    """Pallas splash attention (TPU; interpreted elsewhere, for tests). Lengths become segment ids
+    (0 = padding), so one kernel covers padded and packed rows. Needs Lq == Lk.
+
+    Under a mesh the kernel runs per shard (`jax.shard_map`): batch and heads split as the logical
+    rules split `batch` and `heads`; K/V follow `kv_heads`, or are repeated to the query heads when
+    that axis is sharded differently; the sequence stays whole on each device.
+    """
+    b, length, h, d = q.shape
+    if k.shape[1] != length:
+        raise ValueError(f"splash attention needs as many keys as queries; got {length} and {k.shape[1]}")
+    seg = spec.segment_ids
+    if seg is None:
+        lengths = spec.kv_lengths if spec.kv_lengths is not None else jnp.full((b,), length, jnp.int32)
+        seg = (jnp.arange(length)[None, :] < lengths[:, None]).astype(jnp.int32)
+    seg = seg.astype(jnp.int32)
+    qt = jnp.swapaxes(q * jnp.asarray(d ** -0.5, q.dtype), 1, 2)  # [B, H, L, D]; splash does not scale
+    kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    mesh = jax.sharding.get_abstract_mesh()
+    # The Mosaic kernel where the program targets TPU (also AOT for a TPU topology from a CPU
+    # host, where the mesh's devices say so); the Pallas interpreter elsewhere (tests on CPU).
+    device = None if mesh.empty else mesh.abstract_device
+    interpret = (device.platform if device is not None else jax.default_backend()) != "tpu"
+    if mesh.empty:
+        out = _splash_local(qt, kt, vt, seg, spec.causal, interpret)
+    else:
+        batch_ax, heads_ax, kv_ax = nn.logical_to_mesh_axes(("batch", "heads", "kv_heads"))
+        if kv_ax != heads_ax:  # e.g. K/V replicated while query heads are split: give K/V the query heads
+            kt, vt = (jnp.repeat(x, h // x.shape[1], axis=1) for x in (kt, vt))
+            kv_ax = heads_ax
+        P = jax.sharding.PartitionSpec
+        qs, ks = P(batch_ax, heads_ax, None, None), P(batch_ax, kv_ax, None, None)
+        fn = jax.shard_map(lambda a, b_, c, s_: _splash_local(a, b_, c, s_, spec.causal, interpret), mesh=mesh,
+                           in_specs=(qs, ks, ks, P(batch_ax, None)), out_specs=qs, check_vma=False)
+        out = fn(qt, kt, vt, seg)
+    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+
+def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec,
+                  return_probs: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """Grouped-query attention by `spec.impl`; the explicit path whenever probabilities are asked for.
+
+    q: [B, Lq, H, D]; k, v: [B, Lk, KVH, D]. Returns ([B, Lq, H, D], probs [B, H, Lq, Lk] or None).
+    Single-query decode steps, and sequences not a multiple of 128 (splash's smallest TPU block;
+    e.g. SigLIP's 576 tokens), use XLA; so does "cudnn" off GPU or in float32 (cuDNN's fused
+    attention takes bf16 / fp16 only).
+    """
+    impl = check_impl(spec.impl)
+    if return_probs or impl == "explicit":
+        return explicit_attention(q, k, v, spec, return_probs)
+    if impl == "splash" and q.shape[1] == k.shape[1] and q.shape[1] % 128 == 0:
+        return splash_attention(q, k, v, spec), None
+    cudnn = impl == "cudnn" and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    return fused_attention(q, k, v, spec, "cudnn" if cudnn else "xla"), None
+
+
+def chunked_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array, chunk: int,
+                          layout: str = "dv") -> tuple[jax.Array, jax.Array]:
+    """Softmax cross-entropy of `h @ w` against integer `targets`, `chunk` positions at a time.
+
+    h: [B, L, D] (compute dtype); w: the head matrix, [D, V] (layout "dv") or [V, D] ("vd", a tied
+    embedding table); targets int [B, L]. Each tile's float32 logits are rematerialised in the
+    backward pass, so at most [B, chunk, V] logits exist at once. Returns (ce float32 [B, L],
+    argmax hit bool [B, L]).
+    """
+    b, length, _ = h.shape
+    chunk = max(1, min(int(chunk), length))
+    n = -(-length // chunk)
+    pad = n * chunk - length
+    hp = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    tp = jnp.pad(targets, ((0, 0), (0, pad)))
+    hs = hp.reshape(b, n, chunk, -1).swapaxes(0, 1)
+    ts = tp.reshape(b, n, chunk).swapaxes(0, 1)
+    eq = "bcd,dv->bcv" if layout == "dv" else "bcd,vd->bcv"
+
+    @jax.checkpoint
+    def tile(args):
+        hh, tt = args
+        logits = jnp.einsum(eq, hh, w.astype(hh.dtype), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0]
+        return lse - picked, jnp.argmax(logits, axis=-1) == tt
+
+    ce, hit = jax.lax.map(tile, (hs, ts))
+    ce = ce.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
+    hit = hit.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
+    return ce, hit

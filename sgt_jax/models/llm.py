@@ -3,12 +3,18 @@
 The layout (parameter names and shapes) is chosen so Hugging Face Qwen2 / Llama / Qwen3 weights map
 one-to-one (see `sgt_jax/convert/hf_qwen2.py`). With `mot=True` every layer has a second set of
 norms, q/k/v/o projections and MLP (suffix `_gen`) that generation tokens use; attention itself is
-one softmax over the whole sequence, so text and image tokens still attend to each other.
+one softmax over the whole sequence, so text and image tokens still attend to each other. The
+generation weights run only on the generation positions (gathered to a static count per row,
+`GenRoute`, and scattered back), so their FLOPs scale with the image span, not the sequence.
 
 The decoder consumes embeddings (the UMM splices ViT and code embeddings into the sequence) and
 optionally a static, preallocated KV cache: `prefill` writes a whole right-padded prompt, `decode`
 writes one token per row at that row's own length, so rows of different prompt lengths decode
 together inside a `lax` loop.
+
+The layers run under `nn.scan` (one compiled layer body, parameters stacked on a leading
+`layers` axis, the KV cache one [depth, ...] array per k / v), rematerialised by a named policy
+(`layers.REMAT_POLICIES`). Attention takes its mask as lengths / segment ids (`layers.AttnSpec`).
 """
 from __future__ import annotations
 
@@ -16,10 +22,23 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
-from sgt_jax.models.layers import NEG_INF, DenseGeneral, RMSNorm, constrain, dense_init, dot_attention, init, rope
+from sgt_jax.models.layers import (
+    AttnSpec,
+    DenseGeneral,
+    RMSNorm,
+    check_impl,
+    constrain,
+    dense_init,
+    dot_attention,
+    init,
+    rope,
+    scanned,
+    tag,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,47 +58,73 @@ class LLMConfig:
     rms_eps: float = 1e-6
     mot: bool = False
     dtype: str = "float32"  # compute dtype; parameters are always float32
-    remat: bool = False
+    remat: str | bool = "none"  # a layers.REMAT_POLICIES name (True = "full", False = "none")
+    attention: str = "xla"  # layers.ATTENTION_IMPLS: "xla" | "cudnn" | "splash" | "explicit"
+    scan_unroll: int = 1  # decoder layers unrolled per scan iteration
 
 
-Cache = dict[str, Any]  # {"layers": tuple({"k", "v"} per layer), "length": int32[B]}
+# {"k", "v": [depth, B, max_len, kv_heads, head_dim] (one stacked array each, as the scanned
+# layers read it), "length": int32[B]}
+Cache = dict[str, Any]
 
 
 def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-    """A zeroed KV cache of static shape [B, max_len, kv_heads, head_dim] per layer."""
+    """A zeroed KV cache of static shape [depth, B, max_len, kv_heads, head_dim] per k / v."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    layers = tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.depth))
-    return {"layers": layers, "length": jnp.zeros((batch,), jnp.int32)}
+    shape = (cfg.depth, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "length": jnp.zeros((batch,), jnp.int32)}
 
 
-def causal_bias(attn_mask: jax.Array) -> jax.Array:
-    """[B, 1, L, L] additive mask: query i sees key j iff j <= i and key j is not padding."""
-    length = attn_mask.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    ok = causal[None] & (attn_mask[:, None, :] > 0)
-    return jnp.where(ok, 0.0, NEG_INF).astype(jnp.float32)[:, None]
+def prompt_spec(attn_mask: jax.Array, segment_ids: jax.Array | None = None) -> AttnSpec:
+    """Causal attention over a right-padded (or, with segment ids, packed) prompt / training row."""
+    lengths = jnp.sum(attn_mask > 0, axis=1).astype(jnp.int32)
+    return AttnSpec(kv_lengths=None if segment_ids is not None else lengths, segment_ids=segment_ids, causal=True)
 
 
-def decode_bias(position: jax.Array, max_len: int) -> jax.Array:
-    """[B, 1, 1, S] additive mask for one decode step at per-row `position`: keys 0..position."""
-    ok = jnp.arange(max_len)[None, :] <= position[:, None]
-    return jnp.where(ok, 0.0, NEG_INF).astype(jnp.float32)[:, None, None]
+def decode_spec(position: jax.Array) -> AttnSpec:
+    """One decode step at per-row `position`: keys 0..position of the cache."""
+    return AttnSpec(kv_lengths=(position + 1).astype(jnp.int32), causal=False)
 
 
-def route(gen: jax.Array | None, text_value: jax.Array, gen_value: jax.Array | None) -> jax.Array:
-    """Pick the generation-weight result at generation positions (gen: bool [B, L])."""
-    if gen_value is None:
-        return text_value
-    mask = gen.reshape(gen.shape + (1,) * (text_value.ndim - gen.ndim))
-    return jnp.where(mask, gen_value, text_value)
+@flax.struct.dataclass
+class GenRoute:
+    """Where the MoT generation weights apply: `index` int32[B, G] positions (static G, each row's
+    generation positions first, in order), `valid` bool[B, G] (False = filler past the row's count)."""
+
+    index: jax.Array
+    valid: jax.Array
 
 
-def _routed(make, name: str, mot: bool, gen, *args):
-    """Apply the text module `name` and, with MoT, its `name_gen` twin; route per position."""
+def gen_route(gen: jax.Array, capacity: int | None = None) -> GenRoute:
+    """Route for the bool [B, L] generation mask with at most `capacity` generation positions per row
+    (None = L: exact for any mask). Rows with more than `capacity` route the extra ones to the text
+    weights, so callers pass a capacity they know bounds the mask (the UMM: codes + <boi>)."""
+    length = gen.shape[1]
+    g = length if capacity is None else max(1, min(int(capacity), length))
+    index = jnp.argsort(jnp.where(gen, 0, 1), axis=1, stable=True)[:, :g].astype(jnp.int32)
+    return GenRoute(index=index, valid=jnp.take_along_axis(gen, index, axis=1))
+
+
+def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [B, L, ...] at positions index [B, G] -> [B, G, ...]."""
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _scatter(full: jax.Array, r: GenRoute, part: jax.Array) -> jax.Array:
+    """full [B, L, ...] with the valid routed positions replaced by part [B, G, ...]."""
+    valid = r.valid.reshape(r.valid.shape + (1,) * (full.ndim - 2))
+    new = jnp.where(valid, part.astype(full.dtype), _gather(full, r.index))
+    return full.at[jnp.arange(full.shape[0])[:, None], r.index].set(new)
+
+
+def _routed(make, name: str, mot: bool, r: GenRoute | None, *args):
+    """Apply the text module `name` and, with MoT, its `name_gen` twin on the routed positions only
+    (gathered before, scattered back after), so the generation weights cost G positions, not L."""
     text_out = make(name)(*args)
-    gen_out = make(name + "_gen")(*args) if mot else None
-    return route(gen, text_out, gen_out)
+    if not mot:
+        return text_out
+    gen_out = make(name + "_gen")(*[_gather(a, r.index) for a in args])
+    return _scatter(text_out, r, gen_out)
 
 
 def _write(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
@@ -101,9 +146,10 @@ class MLP(nn.Module):
             return nn.Dense(features, use_bias=False, dtype=dt, param_dtype=jnp.float32, name=name,
                             kernel_init=init(dense_init(), names))
 
-        h = nn.silu(proj(cfg.mlp_dim, ("embed", "mlp"), "gate")(x)) * proj(cfg.mlp_dim, ("embed", "mlp"), "up")(x)
-        h = constrain(h, ("batch", "length", "mlp"))
-        return proj(cfg.width, ("mlp", "embed"), "down")(h)
+        gate = tag(proj(cfg.mlp_dim, ("embed", "mlp"), "gate")(x), "mlpwi")
+        up = tag(proj(cfg.mlp_dim, ("embed", "mlp"), "up")(x), "mlpwi")
+        h = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return tag(proj(cfg.width, ("mlp", "embed"), "down")(h), "mlpwo")
 
 
 class Attention(nn.Module):
@@ -112,7 +158,7 @@ class Attention(nn.Module):
     cfg: LLMConfig
 
     @nn.compact
-    def __call__(self, x, gen, positions, bias, cache, write_index, return_probs: bool, decode: bool):
+    def __call__(self, x, gen, positions, spec: AttnSpec, cache, write_index):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
 
         def qkv(heads, head_axis):
@@ -124,9 +170,9 @@ class Attention(nn.Module):
         def norm(name):
             return RMSNorm(cfg.rms_eps, dt, axis_name="kv", name=name)
 
-        q = _routed(qkv(cfg.num_heads, "heads"), "q", cfg.mot, gen, x)
-        k = _routed(qkv(cfg.num_kv_heads, "kv_heads"), "k", cfg.mot, gen, x)
-        v = _routed(qkv(cfg.num_kv_heads, "kv_heads"), "v", cfg.mot, gen, x)
+        q = tag(_routed(qkv(cfg.num_heads, "heads"), "q", cfg.mot, gen, x), "query_proj")
+        k = tag(_routed(qkv(cfg.num_kv_heads, "kv_heads"), "k", cfg.mot, gen, x), "key_proj")
+        v = tag(_routed(qkv(cfg.num_kv_heads, "kv_heads"), "v", cfg.mot, gen, x), "value_proj")
         if cfg.qk_norm:
             q = _routed(norm, "q_norm", cfg.mot, gen, q)
             k = _routed(norm, "k_norm", cfg.mot, gen, k)
@@ -136,24 +182,27 @@ class Attention(nn.Module):
         new_cache = None
         if cache is not None:
             new_cache = {"k": _write(cache["k"], k, write_index), "v": _write(cache["v"], v, write_index)}
-            if decode:  # attend over everything cached so far (bias masks the unwritten tail)
+            if spec.decode:  # attend over everything cached so far (the spec masks the unwritten tail)
                 k, v = new_cache["k"].astype(dt), new_cache["v"].astype(dt)
-        out, probs = dot_attention(q, k, v, bias, return_probs)
+        out, probs = dot_attention(q, k, v, spec, spec.return_probs)
 
         def out_proj(name):
             return DenseGeneral((cfg.width,), ("heads", "kv", "embed"), in_dims=2, use_bias=cfg.attn_out_bias,
                                 dtype=dt, name=name)
 
-        return _routed(out_proj, "o", cfg.mot, gen, out), new_cache, probs
+        return tag(_routed(out_proj, "o", cfg.mot, gen, out), "out_proj"), new_cache, probs
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x)); norms and MLP routed under MoT."""
+    """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x)); norms and MLP routed under MoT.
+
+    Shaped as an `nn.scan` body: (x, per-layer inputs) -> (x, (new cache, hidden, probs)).
+    """
 
     cfg: LLMConfig
 
     @nn.compact
-    def __call__(self, x, gen, positions, bias, cache, write_index, return_probs: bool, decode: bool):
+    def __call__(self, x, gen, positions, spec: AttnSpec, cache, write_index):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
 
         def norm(name):
@@ -163,26 +212,25 @@ class DecoderLayer(nn.Module):
             return MLP(cfg, name=name)
 
         h = _routed(norm, "attn_norm", cfg.mot, gen, x)
-        a, new_cache, probs = Attention(cfg, name="attn")(h, gen, positions, bias, cache, write_index,
-                                                          return_probs, decode)
+        a, new_cache, probs = Attention(cfg, name="attn")(h, gen, positions, spec, cache, write_index)
         x = x + a
         h = _routed(norm, "mlp_norm", cfg.mot, gen, x)
-        x = x + _routed(mlp, "mlp", cfg.mot, gen, h)
-        return constrain(x, ("batch", "length", "embed")), new_cache, probs
+        x = constrain(x + _routed(mlp, "mlp", cfg.mot, gen, h), ("batch", "length", "embed"))
+        return x, (new_cache, x if spec.return_hidden else None, probs)
 
 
 class LLM(nn.Module):
-    """Token embedding, decoder stack, final norm and LM head (tied or untied)."""
+    """Token embedding, scanned decoder stack, final norm and LM head (tied or untied)."""
 
     cfg: LLMConfig
 
     def setup(self):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        check_impl(cfg.attention)
         self.embedder = nn.Embed(cfg.vocab_size, cfg.width, dtype=dt, param_dtype=jnp.float32,
                                  embedding_init=init(nn.initializers.normal(0.02), ("vocab", "embed")))
-        # static_argnums count `self` as 0: (return_probs, decode) are positions 7 and 8.
-        layer = nn.remat(DecoderLayer, static_argnums=(7, 8)) if cfg.remat else DecoderLayer
-        self.layers = [layer(cfg, name=f"layers_{i}") for i in range(cfg.depth)]
+        # scanned over (gen, positions, spec) broadcast, cache sliced per layer, write_index broadcast
+        self.layers = scanned(DecoderLayer, cfg.remat, cfg.depth, 3, 1, 1, cfg.scan_unroll)(cfg)
         self.final_norm = RMSNorm(cfg.rms_eps, dt)
         if cfg.mot:
             self.final_norm_gen = RMSNorm(cfg.rms_eps, dt)
@@ -198,29 +246,29 @@ class LLM(nn.Module):
         out = self.embedder.attend(h) if self.cfg.tied_embeddings else self.lm_head(h)
         return constrain(out.astype(jnp.float32), ("batch", "length", "vocab"))
 
-    def __call__(self, x, gen, positions, bias, cache: Cache | None = None, write_index=None, *,
-                 return_hidden: bool = False, return_attn: bool = False, decode: bool = False):
+    def __call__(self, x, gen, positions, spec: AttnSpec, cache: Cache | None = None, write_index=None, *,
+                 return_hidden: bool = False, return_attn: bool = False, decode: bool = False,
+                 gen_capacity: int | None = None):
         """Run the stack on embeddings x [B, L, D].
 
-        gen: bool [B, L] generation-token mask (MoT routing; ignored without MoT); positions: int
-        [B, L]; bias: additive mask ([B,1,L,L], or [B,1,1,S] when decoding). Returns (normed final
-        hidden, new cache layers or None, hidden states [depth+1] or None, attention probs or None).
+        gen: bool [B, L] generation-token mask (MoT routing, at most `gen_capacity` per row; ignored
+        without MoT); positions: int
+        [B, L] (RoPE); spec: who attends to whom (`prompt_spec` / `decode_spec`). Returns (normed
+        final hidden, new {"k", "v"} stacked cache or None, hidden states [depth+1] or None,
+        attention probs [depth, B, H, Lq, Lk] or None).
         """
+        spec = spec.replace(impl=self.cfg.attention, return_probs=return_attn, decode=decode,
+                            return_hidden=return_hidden)
         x = constrain(x.astype(jnp.dtype(self.cfg.dtype)), ("batch", "length", "embed"))
-        hidden, attn, new_layers = [x], [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache["layers"][i]
-            x, c, p = layer(x, gen, positions, bias, layer_cache, write_index, return_attn, decode)
-            new_layers.append(c)
-            if return_hidden:
-                hidden.append(x)
-            if return_attn:
-                attn.append(p)
-        h = self.final_norm(x)
+        kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        r = gen_route(gen, gen_capacity) if self.cfg.mot else None
+        out, (new_kv, hidden, attn) = self.layers(x, r, positions, spec, kv, write_index)
+        h = self.final_norm(out)
         if self.cfg.mot:
-            h = route(gen, h, self.final_norm_gen(x))
-        return (h, tuple(new_layers) if cache is not None else None,
-                jnp.stack(hidden) if return_hidden else None, jnp.stack(attn) if return_attn else None)
+            h = _scatter(h, r, self.final_norm_gen(_gather(out, r.index)))
+        if return_hidden:
+            hidden = jnp.concatenate([x[None], hidden], axis=0)
+        return h, new_kv, hidden, attn
 
 
 class CausalLM(nn.Module):
@@ -239,7 +287,7 @@ class CausalLM(nn.Module):
             attn_mask = jnp.ones_like(tokens)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         gen = jnp.zeros(tokens.shape, bool)
-        h, _, hidden, _ = self.llm(self.llm.embed(tokens), gen, positions, causal_bias(attn_mask),
+        h, _, hidden, _ = self.llm(self.llm.embed(tokens), gen, positions, prompt_spec(attn_mask),
                                    return_hidden=return_hidden)
         logits = self.llm.logits(h)
         return (logits, hidden) if return_hidden else logits

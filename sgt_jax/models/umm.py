@@ -23,7 +23,7 @@ import ml_collections
 
 from sgt_jax import config as config_lib
 from sgt_jax.models import llm as llm_lib
-from sgt_jax.models.layers import constrain, dense, init
+from sgt_jax.models.layers import ATTENTION_IMPLS, REMAT_POLICIES, chunked_cross_entropy, constrain, dense, init
 from sgt_jax.models.vit import ViT, ViTConfig
 
 
@@ -48,21 +48,29 @@ class UMMConfig:
         if not config_lib.is_finalized(cfg):
             raise config_lib.ConfigError("UMMConfig.from_config needs a finalized config: call "
                                          "sgt_jax.config.finalize(cfg) after all overrides")
-        u, dtype, remat = cfg.model.umm, cfg.train.compute_dtype, bool(cfg.train.remat)
+        u, dtype, remat = cfg.model.umm, cfg.train.compute_dtype, remat_setting(cfg)
         llm = llm_lib.LLMConfig(
             vocab_size=u.llm.vocab_size, width=u.llm.width, depth=u.llm.depth, num_heads=u.llm.num_heads,
             num_kv_heads=u.llm.num_kv_heads, head_dim=u.llm.head_dim, mlp_dim=u.llm.mlp_dim,
             rope_theta=float(u.llm.rope_theta), qk_norm=u.llm.qk_norm, attn_bias=u.llm.attn_bias,
             attn_out_bias=u.llm.attn_out_bias, tied_embeddings=u.llm.tied_embeddings,
-            rms_eps=float(u.llm.rms_eps), mot=u.mot, dtype=dtype, remat=remat)
+            rms_eps=float(u.llm.rms_eps), mot=u.mot, dtype=dtype, remat=remat, attention=u.llm.attention,
+            scan_unroll=int(u.llm.scan_unroll))
         vit = ViTConfig(
             image_size=u.vit.image_size, patch_size=u.vit.patch_size, width=u.vit.width, depth=u.vit.depth,
             num_heads=u.vit.num_heads, mlp_dim=u.vit.mlp_dim, pos=u.vit.pos, select_layer=u.vit.select_layer,
             post_norm=u.vit.post_norm, ln_eps=float(u.vit.ln_eps),
-            gelu_approximate=bool(u.vit.get("gelu_approximate", True)), dtype=dtype, remat=remat)
+            gelu_approximate=bool(u.vit.get("gelu_approximate", True)), dtype=dtype, remat=remat,
+            attention="xla" if u.llm.attention == "cudnn" else u.llm.attention)
         return cls(llm=llm, vit=vit, codebook_size=u.codebook_size, num_codes=u.num_codes,
                    gen_embed_dim=u.gen_embed_dim, gen_adapter_dim=u.gen_adapter_dim,
                    gen_head_dim=u.gen_head_dim, und_adapter_dim=u.und_adapter_dim)
+
+
+def remat_setting(cfg: ml_collections.ConfigDict) -> str:
+    """The remat policy name: `train.remat_policy`, or "full"/"none" from `train.remat` when empty."""
+    policy = cfg.train.get("remat_policy", "")
+    return policy or ("full" if cfg.train.remat else "none")
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
@@ -82,6 +90,17 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         value = u[section][leaf] if section else u[leaf]
         if value <= 0:
             fail(f"model.umm.{path}", value, "a value > 0")
+    policy = remat_setting(cfg)
+    if policy not in REMAT_POLICIES:
+        fail("train.remat_policy", policy, f"one of {sorted(REMAT_POLICIES)} (or '' to follow train.remat)")
+    if u.llm.attention not in ATTENTION_IMPLS:
+        fail("model.umm.llm.attention", u.llm.attention, str(ATTENTION_IMPLS))
+    if u.llm.scan_unroll < 1:
+        fail("model.umm.llm.scan_unroll", u.llm.scan_unroll, "an integer >= 1")
+    if u.get("text_loss_positions", 0) < 0:
+        fail("model.umm.text_loss_positions", u.text_loss_positions, "0 (every position) or a count > 0")
+    if u.get("loss_chunk", 1) <= 0:
+        fail("model.umm.loss_chunk", u.loss_chunk, "a value > 0 (positions per LM-head chunk)")
     if u.llm.num_heads % u.llm.num_kv_heads:
         fail("model.umm.llm.num_kv_heads", u.llm.num_kv_heads, f"a divisor of llm.num_heads ({u.llm.num_heads})")
     if u.llm.head_dim % 2:
@@ -96,6 +115,9 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         fail("model.umm.vit.width", u.vit.width, "a multiple of 4 with sincos positions")
     if not -(u.vit.depth + 1) <= u.vit.select_layer <= u.vit.depth:
         fail("model.umm.vit.select_layer", u.vit.select_layer, f"in [{-(u.vit.depth + 1)}, {u.vit.depth}]")
+    if cfg.stage == "umm" and cfg.data.get("packing", False):
+        fail("data.packing", True, "False for the umm stage (its rows carry one image span each; packing is for "
+             "text-only examples, see sgt_jax/data/packing.py)")
 
 
 class MLPAdapter(nn.Module):
@@ -167,13 +189,53 @@ class UMM(nn.Module):
             gen = inputs["gen_mask"] > 0
         return x, gen, vit_out
 
+    def _gen_capacity(self, inputs: dict) -> int | None:
+        """MoT generation positions per row: a code span plus its <boi> (no bound for an explicit
+        `gen_mask`, e.g. a prompt ending in <boi>, which marks arbitrary positions)."""
+        if "gen_mask" in inputs:
+            return None
+        return (inputs["codes"].shape[1] + 1) if "codes" in inputs else 1
+
     def _heads(self, h):
         return {"text_logits": self.llm.logits(h), "gen_logits": self._gen_head(h)}
 
+    def _target_losses(self, h, targets: dict, loss_chunk: int) -> dict:
+        """Cross-entropies without the full logits tensors.
+
+        targets: `text` int32[B, T] (the text token each scored position predicts; T = L, or the
+        static count of optional `text_positions` int32[B, T] gathered first) and `code_positions`
+        int32[B, N] + `codes` int32[B, N] (the positions that predict each code, static N per row).
+        The LM head runs sequence-tiled (`loss_chunk` positions per tile, recomputed in the backward
+        pass), so [B, L, vocab] logits never exist at once; the generation head runs on the N
+        gathered code positions only. Returns text_ce / text_hit [B, T] and gen_ce / gen_hit [B, N].
+        """
+        llm = self.llm
+        if llm.cfg.tied_embeddings:
+            w, spec = llm.embedder.embedding, "vd"
+        else:
+            w, spec = llm.lm_head.variables["params"]["kernel"], "dv"
+        ht = h
+        if "text_positions" in targets:  # gather the text-loss positions before the LM head
+            ht = jnp.take_along_axis(h, targets["text_positions"][..., None], axis=1)
+        text_ce, text_hit = chunked_cross_entropy(ht, w, targets["text"], loss_chunk, spec)
+        pos = jnp.clip(targets["code_positions"], 0, h.shape[1] - 1)
+        hg = jnp.take_along_axis(h, pos[..., None], axis=1)
+        logits = self._gen_head(hg)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, targets["codes"][..., None], axis=-1)[..., 0]
+        gen_hit = jnp.argmax(logits, axis=-1) == targets["codes"]
+        return {"text_ce": text_ce, "text_hit": text_hit, "gen_ce": lse - tgt, "gen_hit": gen_hit}
+
     # -- training / scoring -------------------------------------------------------------------
     def __call__(self, inputs: dict, deterministic: bool = True, return_hidden: bool = False,
-                 return_attn: bool = False, return_vit_hidden: bool = False) -> dict:
+                 return_attn: bool = False, return_vit_hidden: bool = False, targets: dict | None = None,
+                 loss_chunk: int = 512) -> dict:
         """Full forward. `deterministic` is accepted for the contract (the model has no dropout).
+
+        Optional `segment_ids` / `positions` int32[B, L] in `inputs` describe packed rows (attention
+        stays inside a segment; RoPE positions restart per segment). With `targets` (training) the
+        heads run only where a loss is: see `_target_losses`; the outputs are then per-position
+        losses instead of logits.
 
         Optional outputs (off by default so training does not pay for them): `hidden`
         [depth+1, B, L, D] residual stream per layer (pre final norm), `attn` [depth, B, H, L, L]
@@ -181,11 +243,10 @@ class UMM(nn.Module):
         """
         del deterministic
         x, gen, vit_out = self.embed_inputs(inputs, return_vit=return_vit_hidden)
-        mask = inputs["attn_mask"]
-        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), mask.shape)
-        h, _, hidden, attn = self.llm(x, gen, positions, llm_lib.causal_bias(mask),
-                                      return_hidden=return_hidden, return_attn=return_attn)
-        out = self._heads(h)
+        positions, spec = _positions_and_spec(inputs)
+        h, _, hidden, attn = self.llm(x, gen, positions, spec, return_hidden=return_hidden, return_attn=return_attn,
+                                      gen_capacity=self._gen_capacity(inputs))
+        out = self._heads(h) if targets is None else self._target_losses(h, targets, loss_chunk)
         out["gen_mask"] = gen
         if return_hidden:
             out["hidden"] = hidden
@@ -199,17 +260,19 @@ class UMM(nn.Module):
     def prefill(self, inputs: dict, cache: llm_lib.Cache) -> tuple[dict, llm_lib.Cache]:
         """Run a right-padded prompt (same `inputs` as `__call__`), writing its K/V into `cache`.
 
-        The cache's per-row length becomes sum(attn_mask); read each row's next-token logits at
-        position length - 1.
+        The cache's per-row length becomes sum(attn_mask). The heads run at each row's last real
+        position only: returns ({text_logits [B, V], gen_logits [B, K]}, cache).
         """
         x, gen, _ = self.embed_inputs(inputs)
         mask = inputs["attn_mask"]
         b = mask.shape[0]
+        lengths = jnp.sum(mask > 0, axis=1).astype(jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), mask.shape)
-        h, layers, _, _ = self.llm(x, gen, positions, llm_lib.causal_bias(mask), cache,
-                                   jnp.zeros((b,), jnp.int32))
-        out = self._heads(h)
-        return out, {"layers": layers, "length": jnp.sum(mask > 0, axis=1).astype(jnp.int32)}
+        h, kv, _, _ = self.llm(x, gen, positions, llm_lib.prompt_spec(mask), cache, jnp.zeros((b,), jnp.int32),
+                               gen_capacity=self._gen_capacity(inputs))
+        last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # heads at the last position only
+        out = {k: v[:, 0] for k, v in self._heads(last).items()}
+        return out, {**kv, "length": lengths}
 
     def decode_step(self, step: dict, cache: llm_lib.Cache) -> tuple[dict, llm_lib.Cache]:
         """Append one token per row at that row's cached length and return its logits.
@@ -220,15 +283,24 @@ class UMM(nn.Module):
         ({text_logits [B, V], gen_logits [B, K]}, updated cache).
         """
         pos = cache["length"]
-        max_len = cache["layers"][0]["k"].shape[1]
         text = self.llm.embed(step["tokens"][:, None])
         code = self.embed_codes(step["codes"][:, None]).astype(text.dtype)
         x = jnp.where((step["is_code"] > 0)[:, None, None], code, text)
         gen = (step["gen"] > 0)[:, None]
-        h, layers, _, _ = self.llm(x, gen, pos[:, None], llm_lib.decode_bias(pos, max_len), cache, pos,
-                                   decode=True)
+        h, kv, _, _ = self.llm(x, gen, pos[:, None], llm_lib.decode_spec(pos), cache, pos, decode=True)
         out = {k: v[:, 0] for k, v in self._heads(h).items()}
-        return out, {"layers": layers, "length": pos + 1}
+        return out, {**kv, "length": pos + 1}
+
+
+def _positions_and_spec(inputs: dict):
+    """RoPE positions and the attention spec of a training / scoring row: right-padded by default,
+    packed when `segment_ids` (and per-segment `positions`) are given."""
+    mask = inputs["attn_mask"]
+    seg = inputs.get("segment_ids")
+    positions = inputs.get("positions")
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(mask.shape[1]), mask.shape)
+    return positions, llm_lib.prompt_spec(mask, seg)
 
 
 def init_cache(cfg: UMMConfig, batch: int, max_len: int, dtype: Any = None) -> llm_lib.Cache:
@@ -251,16 +323,21 @@ def dummy_inputs(cfg: UMMConfig, batch: int, seq_len: int) -> dict:
     }
 
 
-def flops_per_token(cfg: UMMConfig, seq_len: int) -> float:
-    """Forward matmul FLOPs per sequence position (2 x MACs) of the decoder and both heads.
+def flops_per_row(cfg: UMMConfig, seq_len: int) -> float:
+    """Forward matmul FLOPs (2 x MACs) of one training row of `seq_len` positions: the decoder and
+    the LM head at every position, the generation head at the `num_codes` positions that predict a
+    code (the loss gathers them before the head).
 
-    Under MoT both weight sets run at every position (routing is a select), which this counts.
-    Causal attention is counted at half of the full L x L score and value matmuls.
+    Under MoT the text weights run at every position and the generation weights at the routed
+    `num_codes + 1` positions (codes and <boi>). Causal attention is counted at half of the full
+    L x L score and value matmuls.
     """
     c = cfg.llm
-    mot = 2 if c.mot else 1
+    routed = seq_len + (min(cfg.num_codes + 1, seq_len) if c.mot else 0)  # positions through the weights
     proj = 2 * c.width * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
     mlp = 2 * 3 * c.width * c.mlp_dim
     attn = 2 * 2 * seq_len * c.num_heads * c.head_dim / 2
-    heads = 2 * c.width * c.vocab_size + 2 * (c.width * cfg.gen_head_dim + cfg.gen_head_dim * cfg.codebook_size)
-    return float(c.depth * (mot * (proj + mlp) + attn) + heads)
+    text_head = 2 * c.width * c.vocab_size
+    gen_head = 2 * (c.width * cfg.gen_head_dim + cfg.gen_head_dim * cfg.codebook_size)
+    return float(c.depth * (routed * (proj + mlp) + seq_len * attn) + seq_len * text_head
+                 + cfg.num_codes * gen_head)

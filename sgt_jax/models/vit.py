@@ -5,7 +5,8 @@ blocks (LayerNorm, multi-head attention with biases, GELU MLP: tanh by default, 
 LayerNorm. `select_layer` picks which hidden state feeds the adapter (LLaVA/Janus style): it
 indexes the list [patch embeddings, block 1, ..., block depth], negative from the end; blocks past
 the selected one are not built at all. The parameter tree mirrors HF `SiglipVisionModel` so its
-weights load one-to-one (`sgt_jax/convert/hf_siglip.py`).
+weights load one-to-one (`sgt_jax/convert/hf_siglip.py`), except that the blocks run under
+`nn.scan` with their parameters stacked on a leading `layers` axis (`blocks/...`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,17 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from sgt_jax.models.layers import DenseGeneral, constrain, dense, dense_init, dot_attention, init, layer_norm
+from sgt_jax.models.layers import (
+    AttnSpec,
+    DenseGeneral,
+    constrain,
+    dense,
+    dense_init,
+    dot_attention,
+    init,
+    layer_norm,
+    scanned,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +43,8 @@ class ViTConfig:
     ln_eps: float = 1e-6
     gelu_approximate: bool = True  # False: exact erf GELU (Janus-Pro's timm SigLIP-L)
     dtype: str = "float32"
-    remat: bool = False
+    remat: str | bool = "none"  # a layers.REMAT_POLICIES name (True = "full", False = "none")
+    attention: str = "xla"  # layers.ATTENTION_IMPLS
 
     @property
     def grid(self) -> int:
@@ -63,7 +75,8 @@ class ViTBlock(nn.Module):
     cfg: ViTConfig
 
     @nn.compact
-    def __call__(self, x, return_probs: bool = False):
+    def __call__(self, x, spec: AttnSpec):
+        """An `nn.scan` body: x -> (x, (x if spec.return_hidden else None, probs or None))."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         head_dim = cfg.width // cfg.num_heads
 
@@ -72,14 +85,15 @@ class ViTBlock(nn.Module):
                                 name=name)
 
         h = layer_norm(cfg.ln_eps, dt, "norm1")(x)
-        out, probs = dot_attention(qkv("q")(h), qkv("k")(h), qkv("v")(h), None, return_probs)
+        out, probs = dot_attention(qkv("q")(h), qkv("k")(h), qkv("v")(h), spec, spec.return_probs)
         x = x + DenseGeneral((cfg.width,), ("heads", "kv", "embed"), in_dims=2, use_bias=True, dtype=dt,
                              name="o")(out)
         h = layer_norm(cfg.ln_eps, dt, "norm2")(x)
         h = nn.gelu(dense(cfg.mlp_dim, ("embed", "mlp"), dt, name="fc1")(h), approximate=cfg.gelu_approximate)
         h = constrain(h, ("batch", "length", "mlp"))
         x = x + dense(cfg.width, ("mlp", "embed"), dt, name="fc2")(h)
-        return constrain(x, ("batch", "length", "embed")), probs
+        x = constrain(x, ("batch", "length", "embed"))
+        return x, (x if spec.return_hidden else None, probs)
 
 
 class ViT(nn.Module):
@@ -104,19 +118,18 @@ class ViT(nn.Module):
         else:
             raise ValueError(f"ViT pos must be 'learned' or 'sincos', got {cfg.pos!r}")
         x = constrain(x + pos.astype(dt)[None], ("batch", "length", "embed"))
-        block = nn.remat(ViTBlock, static_argnums=(2,)) if cfg.remat else ViTBlock
-        hidden, attn = [x], []
-        for i in range(cfg.num_blocks):
-            x, probs = block(cfg, name=f"blocks_{i}")(x, return_attn)
-            hidden.append(x)
-            attn.append(probs)
+        spec = AttnSpec(causal=False, impl=cfg.attention, return_probs=return_attn, return_hidden=return_hidden)
+        first, hidden, attn = x, None, None
+        if cfg.num_blocks:
+            x, (hidden, attn) = scanned(ViTBlock, cfg.remat, cfg.num_blocks, 1)(cfg, name="blocks")(x, spec)
         if cfg.post_norm:
             x = layer_norm(cfg.ln_eps, dt, "post_norm")(x)
         out = {"tokens": x}
         if return_hidden:
-            out["hidden"] = jnp.stack(hidden)
+            out["hidden"] = first[None] if hidden is None else jnp.concatenate([first[None], hidden])
         if return_attn:
-            out["attn"] = jnp.stack(attn)
+            out["attn"] = attn if attn is not None else jnp.zeros((0, b, cfg.num_heads, cfg.num_tokens,
+                                                                   cfg.num_tokens), jnp.float32)
         return out
 
 

@@ -25,7 +25,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sgt_jax.data import datasets, pipeline, sequences
 from sgt_jax.data.mixture import Mixture
@@ -94,29 +93,41 @@ class UMMStage(BaseStage):
                 "vit_start": batch["vit_start"], "codes": codes, "gen_start": batch["gen_start"]}
 
     def losses(self, params, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Forward + loss on one batch -> (scalar loss, scalar metrics). Shared by training and eval."""
+        """Forward + loss on one batch -> (scalar loss, scalar metrics). Shared by training and eval.
+
+        The model computes the cross-entropies itself (`UMM._target_losses`): the LM head sequence-
+        tiled, the generation head only at the N positions that predict a code (<boi> .. last-but-one
+        code), so neither full logits tensor is built.
+        """
         codes = self.tokenize_targets(params[VQ_KEY], batch["target_image"])
-        out = self.model.apply({"params": params[UMM_KEY]}, self._model_inputs(batch, codes), deterministic=False)
         tokens = batch["tokens"]
         b, length = tokens.shape
         n = codes.shape[1]
-        # Targets of position p: the text token at p+1 / the code at p+1.
+        # Targets of position p: the text token at p+1; the code i is predicted at gen_start - 1 + i.
         text_tgt = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
-        code_idx = jnp.clip(jnp.arange(length)[None, :] + 1 - batch["gen_start"][:, None], 0, n - 1)
-        code_tgt = jnp.take_along_axis(codes, code_idx, axis=1)
-        text_ce = optax.softmax_cross_entropy_with_integer_labels(out["text_logits"], text_tgt)
-        gen_ce = optax.softmax_cross_entropy_with_integer_labels(out["gen_logits"], code_tgt)
-
+        code_pos = batch["gen_start"][:, None] - 1 + jnp.arange(n)[None, :]
         w = batch["text_loss_weight"].astype(jnp.float32)
+        targets = {"text": text_tgt, "code_positions": code_pos, "codes": codes}
+        n_all_text = jnp.sum(w > 0)
+        k = int(self.cfg.model.umm.text_loss_positions)
+        if 0 < k < length:  # the LM head runs on the first k loss positions of each row only
+            text_pos = jnp.argsort(jnp.where(w > 0, 0, 1), axis=1, stable=True)[:, :k]
+            targets.update(text=jnp.take_along_axis(text_tgt, text_pos, axis=1), text_positions=text_pos)
+            w = jnp.take_along_axis(w, text_pos, axis=1)
+        out = self.model.apply({"params": params[UMM_KEY]}, self._model_inputs(batch, codes), deterministic=False,
+                               targets=targets, loss_chunk=int(self.cfg.model.umm.loss_chunk))
+        text_ce, gen_ce = out["text_ce"], out["gen_ce"]
         text_m = (w > 0).astype(jnp.float32)
-        gen_m = batch["gen_loss_mask"].astype(jnp.float32)
+        in_row = (code_pos >= 0) & (code_pos < length)
+        gen_m = jnp.take_along_axis(batch["gen_loss_mask"].astype(jnp.float32), jnp.clip(code_pos, 0, length - 1),
+                                    axis=1) * in_row
         n_text, n_gen = jnp.sum(text_m), jnp.sum(gen_m)
         text_loss = jnp.sum(w * text_ce) / jnp.maximum(n_text, 1.0)
         gen_loss = float(self.layout.gen_weight) * jnp.sum(gen_m * gen_ce) / jnp.maximum(n_gen, 1.0)
         loss = text_loss + gen_loss
 
-        text_hit = (jnp.argmax(out["text_logits"], -1) == text_tgt).astype(jnp.float32)
-        gen_hit = (jnp.argmax(out["gen_logits"], -1) == code_tgt).astype(jnp.float32)
+        text_hit = out["text_hit"].astype(jnp.float32)
+        gen_hit = out["gen_hit"].astype(jnp.float32)
         metrics = {
             "text_loss": text_loss, "gen_loss": gen_loss,
             "text_ce": jnp.sum(text_m * text_ce) / jnp.maximum(n_text, 1.0),
@@ -124,16 +135,19 @@ class UMMStage(BaseStage):
             "text_acc": jnp.sum(text_m * text_hit) / jnp.maximum(n_text, 1.0),
             "gen_acc": jnp.sum(gen_m * gen_hit) / jnp.maximum(n_gen, 1.0),
             "text_tokens": n_text / b, "gen_tokens": n_gen / b,
+            # text-loss positions past model.umm.text_loss_positions in a row (0 when it is sized right)
+            "text_loss_dropped": (n_all_text - n_text) / b,
             "truncated": jnp.mean(batch["truncated"].astype(jnp.float32)),
             "seq_fill": jnp.mean(batch["attn_mask"].astype(jnp.float32)),
         }
         # Per task: unweighted mean CE over that task's loss positions (text or code), as (sum, count)
         # so micro-batches and eval batches combine into the token mean (NaN only with no such token).
-        ce = text_m * text_ce + gen_m * gen_ce
-        m = text_m + gen_m
+        # Text and code losses have different position sets ([B, T] and [B, N]): summed per row first.
+        ce_sum = jnp.sum(text_m * text_ce, axis=1) + jnp.sum(gen_m * gen_ce, axis=1)  # [B]
+        m_sum = jnp.sum(text_m, axis=1) + jnp.sum(gen_m, axis=1)
         for task, task_id in zip(self.mixture.tasks, self.mixture.ids, strict=True):
-            sel = (batch["task"] == task_id).astype(jnp.float32)[:, None]
-            metrics[f"loss/{_short(task)}"] = Ratio(jnp.sum(sel * ce), jnp.sum(sel * m))
+            sel = (batch["task"] == task_id).astype(jnp.float32)
+            metrics[f"loss/{_short(task)}"] = Ratio(jnp.sum(sel * ce_sum), jnp.sum(sel * m_sum))
             metrics[f"frac/{_short(task)}"] = jnp.mean(sel)
         return loss, metrics
 
@@ -144,11 +158,12 @@ class UMMStage(BaseStage):
 
     # -- FLOPs ----------------------------------------------------------------------------------
     def flops_per_example(self) -> float:
-        """Training FLOPs of one row: 3 x forward for trained parts (decoder + heads over all L
-        positions, ViT + adapter, code adapter), 1 x forward for a frozen ViT, plus the frozen VQ
-        encoder's forward once (counted by XLA's cost analysis of the lowered encoder)."""
+        """Training FLOPs of one row: 3 x forward for trained parts (decoder + LM head over all L
+        positions, generation head over the code positions, ViT + adapter, code adapter), 1 x
+        forward for a frozen ViT, plus the frozen VQ encoder's forward once (counted by XLA's cost
+        analysis of the lowered encoder)."""
         c, L = self.mcfg, self.layout.max_seq_len
-        llm = umm_lib.flops_per_token(c, L) * L
+        llm = umm_lib.flops_per_row(c, L)
         vit = vit_flops_per_image(c.vit) + 2 * c.num_vit_tokens * (c.vit.width * c.und_adapter_dim
                                                                     + c.und_adapter_dim * c.llm.width)
         gen_in = 2 * c.num_codes * (c.gen_embed_dim * c.gen_adapter_dim + c.gen_adapter_dim * c.llm.width)
@@ -193,8 +208,7 @@ class UMMStage(BaseStage):
             if len(tok) > self.mcfg.llm.vocab_size:
                 raise ValueError(f"the tokenizer has {len(tok)} ids but config field 'model.umm.llm.vocab_size' = "
                                  f"{self.mcfg.llm.vocab_size}; it must cover the tokenizer")
-            builder = sequences.SequenceBuilder.from_config(self.cfg, tok)
-            self.mixture = self.mixture.bind(lambda task: sequences.task_transform(builder, task))
+            self.mixture = sequences.make_task_transforms(self.cfg, tok)
         return self.mixture
 
     # -- evaluation -------------------------------------------------------------------------------

@@ -1,0 +1,281 @@
+"""Issue 10 speed suite (`tools/bench.py --suite=scale`): one run, every number side by side.
+
+1. Train-step time of `configs/base_shapes.py` and of a 2-layer slice of `configs/umm_1b.py`
+   (median of interleaved rounds; the "before" numbers are the lead's, measured at commit f1d12ac
+   with the unrolled layers, which no longer exist).
+2. Compile time of the full `configs/umm_1b.py` train step (abstract state, AOT, this CPU).
+3. Tokens/s of one AdamW f32 train step of the same Qwen2-shaped causal LM in sgt_jax (scanned,
+   fused attention, donated state) and in HF transformers + torch, interleaved step by step.
+4. CFG image sampling (`sampler.generate_codes`, cond + uncond rows, KV cache) against HF
+   `generate` with its KV cache on the same decoder shape and the same rows / prompt / new tokens.
+   HF has no generation head: it samples text tokens from its LM head, and the guidance mix
+   (u + s (c - u), negligible) is not applied there, so the comparison is decoder + cache cost.
+
+`small=True` shrinks every size (one quick run proves the suite works); the real numbers come from
+an idle machine with the default sizes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LMShape:
+    """A Qwen2 decoder shape, given once to both frameworks."""
+
+    vocab: int = 4096
+    width: int = 256
+    depth: int = 6
+    heads: int = 4
+    kv_heads: int = 4
+    head_dim: int = 64
+    mlp: int = 1024  # 7.34M parameters with the tied embedding
+
+    def hf_config(self):
+        from transformers import Qwen2Config
+
+        return Qwen2Config(vocab_size=self.vocab, hidden_size=self.width, intermediate_size=self.mlp,
+                           num_hidden_layers=self.depth, num_attention_heads=self.heads,
+                           num_key_value_heads=self.kv_heads, head_dim=self.head_dim, max_position_embeddings=4096,
+                           tie_word_embeddings=True, attn_implementation="sdpa")
+
+
+SMALL = LMShape(vocab=512, width=64, depth=2, heads=2, kv_heads=2, head_dim=32, mlp=128)
+
+
+def _median_ms(times: list[float]) -> float:
+    return 1e3 * statistics.median(times)
+
+
+def llm_vs_torch(shape: LMShape, *, batch: int, seq: int, steps: int, warmup: int = 2, seed: int = 0) -> dict:
+    """Interleaved AdamW train steps (f32) of sgt_jax's CausalLM and HF Qwen2ForCausalLM."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import torch
+    from flax import linen as nn
+    from transformers import Qwen2ForCausalLM
+
+    from sgt_jax.convert.hf_qwen2 import llm_config_from_hf
+    from sgt_jax.models.llm import CausalLM
+
+    hf_cfg = shape.hf_config()
+    cfg = llm_config_from_hf(hf_cfg.to_dict())
+    model = CausalLM(cfg)
+    tokens_np = np.random.default_rng(seed).integers(0, shape.vocab, (batch, seq)).astype(np.int32)
+    tokens = jnp.asarray(tokens_np)
+    params = jax.jit(lambda k: nn.unbox(model.init(k, tokens[:1])["params"]))(jax.random.key(seed))
+    tx = optax.adamw(1e-4)
+    opt = jax.jit(tx.init)(params)
+
+    def loss_fn(p, t):
+        logits = model.apply({"params": p}, t)
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], t[:, 1:]).mean()
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def jax_step(p, o, t):
+        loss, grads = jax.value_and_grad(loss_fn)(p, t)
+        updates, o = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, loss
+
+    torch.manual_seed(seed)
+    tmodel = Qwen2ForCausalLM(hf_cfg).train()
+    topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4)
+    ttokens = torch.from_numpy(tokens_np.astype(np.int64))
+
+    def torch_step():
+        loss = tmodel(input_ids=ttokens, labels=ttokens).loss
+        loss.backward()
+        topt.step()
+        topt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    t0 = time.perf_counter()
+    params, opt, loss = jax_step(params, opt, tokens)
+    jax.block_until_ready(loss)
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        params, opt, loss = jax_step(params, opt, tokens)
+        jax.block_until_ready(loss)
+        torch_step()
+    jt, tt = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        torch_step()
+        tt.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        params, opt, loss = jax_step(params, opt, tokens)
+        jax.block_until_ready(loss)
+        jt.append(time.perf_counter() - t0)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    tok = batch * seq
+    return {"params": n_params, "batch": batch, "seq": seq, "steps": steps, "jax_ms": _median_ms(jt),
+            "torch_ms": _median_ms(tt), "jax_tok_s": tok / statistics.median(jt),
+            "torch_tok_s": tok / statistics.median(tt), "ratio": statistics.median(tt) / statistics.median(jt),
+            "jax_compile_s": compile_s, "torch_threads": torch.get_num_threads()}
+
+
+def sampler_vs_hf(shape: LMShape, *, images: int, prompt_len: int, num_codes: int, rounds: int, seed: int = 0) -> dict:
+    """CFG code sampling (2 rows per image) vs HF `generate` (KV cache) on 2 x images rows."""
+    import bench_lib as bench  # tools/bench_lib.py
+    import numpy as np
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from sgt_jax import config as config_lib
+
+    cfg = config_lib.default_config()
+    cfg.stage = "umm"
+    u = cfg.model.umm
+    u.llm.update(dict(vocab_size=shape.vocab, width=shape.width, depth=shape.depth, num_heads=shape.heads,
+                      num_kv_heads=shape.kv_heads, head_dim=shape.head_dim, mlp_dim=shape.mlp, attn_bias=True,
+                      tied_embeddings=True))
+    grid = int(round(num_codes ** 0.5))
+    if grid * grid != num_codes:
+        raise ValueError(f"num_codes must be a square (a code grid); got {num_codes}")
+    cfg.data.image_size = grid * cfg.model.vq.downsample  # finalize derives num_codes = grid^2
+    cfg.data.mixture = {"t2i": 1.0}
+    cfg.data.prompt_room = max(prompt_len, 1)  # rows of prompt + codes + structural tokens (derived)
+    call, compile_s, n = bench.sampler_runner(cfg, batch=images, prompt_len=prompt_len, guidance=True, seed=seed)
+
+    torch.manual_seed(seed)
+    hf = Qwen2ForCausalLM(shape.hf_config()).eval()
+    rows = 2 * images
+    rng = np.random.default_rng(seed)
+    ids = torch.from_numpy(rng.integers(1, shape.vocab, (rows, prompt_len)).astype(np.int64))
+    mask = torch.ones_like(ids)
+    mask[1::2, : prompt_len // 2] = 0  # rows of different lengths (left-padded for HF)
+
+    def hf_call():
+        with torch.no_grad():
+            return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=num_codes, min_new_tokens=num_codes,
+                               do_sample=True, use_cache=True, pad_token_id=0, top_k=0)
+
+    hf_call()
+    jt, ht = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        hf_call()
+        ht.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        call()
+        jt.append(time.perf_counter() - t0)
+    return {"images": images, "rows": rows, "prompt_len": prompt_len, "num_codes": n, "rounds": rounds,
+            "jax_s": statistics.median(jt), "hf_s": statistics.median(ht),
+            "jax_img_s": images / statistics.median(jt), "hf_img_s": images / statistics.median(ht),
+            "ratio": statistics.median(ht) / statistics.median(jt), "jax_compile_s": compile_s}
+
+
+def umm_compile_seconds(cfg) -> dict:
+    """AOT compile time of a config's full train step on abstract (unallocated) state."""
+    import bench_lib as bench  # tools/bench_lib.py
+
+    t0 = time.perf_counter()
+    built = bench.build(cfg, materialize=False)
+    build_s = time.perf_counter() - t0
+    with built.context():
+        t0 = time.perf_counter()
+        built.jstep.lower(*built.abstract_inputs()).compile()
+        compile_s = time.perf_counter() - t0
+    return {"params": built.n_params, "build_s": build_s, "compile_s": compile_s,
+            "depth": int(cfg.model.umm.llm.depth), "remat": str(cfg.train.get("remat_policy", "") or cfg.train.remat),
+            "attention": str(cfg.model.umm.llm.attention)}
+
+
+def train_step_rows(named: list[tuple[str, Any]], *, steps: int, warmup: int):
+    """The real train step of each config, timed round-robin (tools/bench.py's machinery)."""
+    import bench_lib as bench  # tools/bench_lib.py
+
+    runners = [bench.make_runner(cfg, name=name) for name, cfg in named]
+    bench.time_interleaved(runners, warmup=warmup, rounds=steps)
+    return bench.summarize(runners)
+
+
+def scale_specs(small: bool) -> tuple[list[tuple[str, str, list[tuple[str, Any]]]], tuple[str, list]]:
+    """(train-step variants as (name, config spec, overrides), the compile config): base_shapes and
+    a 2-layer slice of umm_1b on one device; umm_1b whole for the compile time."""
+    one = [("mesh.shape", (1, -1, 1)), ("optim.grad_accum_steps", 1)]
+    full = "configs/umm_1b.py:smoke" if small else "configs/umm_1b.py"
+    slice2 = [("model.umm.llm.depth", 2), ("model.umm.vit.depth", 2), ("train.batch_size", 2)] + one
+    base = [("train.batch_size", 2)] if small else []
+    return [("base_shapes", "configs/base_shapes.py", base), ("umm_1b_2layer", full, slice2)], (full, one)
+
+
+def _load(spec: str, overrides):
+    import bench_lib as bench  # tools/bench_lib.py
+
+    return bench.apply_overrides(bench.load_config(spec), overrides)
+
+
+def before_step_seconds(src: str, specs, *, steps: int, warmup: int) -> dict[str, float]:
+    """Median step time of each variant measured by another checkout's own tools/bench.py (e.g. a
+    worktree at f1d12ac, the unrolled layers), in a subprocess with that checkout on PYTHONPATH."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, spec, overrides in specs:
+            path, _, arg = spec.partition(":")
+            variant = name + (":" + ",".join(f"{k}={v!r}" for k, v in overrides) if overrides else "")
+            cmd = [sys.executable, os.path.join(src, "tools", "bench.py"),
+                   f"--config={os.path.join(src, path)}" + (f":{arg}" if arg else ""), f"--variant={variant}",
+                   f"--steps={steps}", f"--warmup={warmup}", f"--out={os.path.join(tmp, name)}"]
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(src))
+            subprocess.run(cmd, env=env, cwd=src, check=True)
+            with open(os.path.join(tmp, name + ".json")) as f:
+                out[name] = float(json.load(f)["rows"][0]["step_s_median"])
+    return out
+
+
+def run(small: bool = False, steps: int = 5, warmup: int = 1, before_src: str = "") -> tuple[dict, str]:
+    """Every measurement of the suite -> (json payload, markdown text). `before_src`: a checkout of
+    the old code (e.g. f1d12ac) whose own bench times the same train-step variants first."""
+    import bench_lib as bench  # tools/bench_lib.py
+
+    shape = SMALL if small else LMShape()
+    lm = llm_vs_torch(shape, batch=4 if small else 32, seq=32 if small else 160, steps=steps, warmup=warmup)
+    smp = sampler_vs_hf(shape, images=2 if small else 16, prompt_len=16 if small else 96,
+                        num_codes=16 if small else 64, rounds=max(1, steps // 2) if small else steps)
+    specs, (full_spec, full_over) = scale_specs(small)
+    before = before_step_seconds(before_src, specs, steps=steps, warmup=warmup) if before_src else {}
+    comp = umm_compile_seconds(_load(full_spec, full_over))
+    rows = train_step_rows([(name, _load(spec, over)) for name, spec, over in specs], steps=steps, warmup=warmup)
+    versus = bench.markdown_table(
+        ("variant", "before ms", "after ms", "x faster"),
+        [(r.variant, f"{1e3 * before[r.variant]:.1f}" if r.variant in before else "-", f"{1e3 * r.step_s_median:.1f}",
+          f"{before[r.variant] / r.step_s_median:.2f}" if r.variant in before else "-") for r in rows])
+    text = "\n\n".join([
+        "## train step after (this checkout)\n" + bench.bench_table(rows),
+        f"## train step before ({before_src or 'not measured: pass --before_src=<checkout of f1d12ac>'}) vs after\n"
+        + versus,
+        "## compile time of the umm_1b train step (AOT, abstract state, this CPU)\n" + bench.markdown_table(
+            ("config", "params", "depth", "remat", "attention", "build s", "compile s", "goal"),
+            [("umm_1b" + (" smoke" if small else ""), f"{comp['params']:,}", comp["depth"], comp["remat"],
+              comp["attention"], f"{comp['build_s']:.1f}", f"{comp['compile_s']:.1f}", "<= 60 s")]),
+        "## Qwen2-shaped LM, AdamW f32 train step: sgt_jax vs HF transformers + torch (interleaved)\n"
+        + bench.markdown_table(
+            ("params", "B x S", "steps", "sgt_jax ms", "torch ms", "sgt_jax tok/s", "torch tok/s", "x torch", "goal"),
+            [(f"{lm['params']:,}", f"{lm['batch']} x {lm['seq']}", lm["steps"], f"{lm['jax_ms']:.1f}",
+              f"{lm['torch_ms']:.1f}", f"{lm['jax_tok_s']:.0f}", f"{lm['torch_tok_s']:.0f}", f"{lm['ratio']:.2f}",
+              ">= 1.3")]),
+        "## CFG image sampling (KV cache): sgt_jax generate_codes vs HF generate\n" + bench.markdown_table(
+            ("images", "rows", "prompt", "codes", "rounds", "sgt_jax s", "HF s", "sgt_jax img/s", "HF img/s",
+             "x HF", "goal"),
+            [(smp["images"], smp["rows"], smp["prompt_len"], smp["num_codes"], smp["rounds"], f"{smp['jax_s']:.3f}",
+              f"{smp['hf_s']:.3f}", f"{smp['jax_img_s']:.2f}", f"{smp['hf_img_s']:.2f}", f"{smp['ratio']:.2f}",
+              ">= 2")]),
+    ])
+    payload = {"small": small, "train_step": [r.as_dict() for r in rows], "before_step_s": before,
+               "before_src": before_src, "compile": comp, "lm_vs_torch": lm,
+               "sampler_vs_hf": smp}
+    return payload, text
