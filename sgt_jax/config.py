@@ -67,8 +67,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.validation_size = 256
     c.data.test_size = 256
     c.data.heldout_size = 256
-    # Task mixture weights by batch fraction; names in TASKS. SGT default is 2 proxy : 1 VQA.
+    # Task mixture weights; names in TASKS. SGT default is 2 proxy : 1 VQA. How the weights apply is
+    # `data.mixing` (evidence block, issue 12): "rows" = every batch mixes rows in these proportions
+    # (grain `mix` interleaves examples); "batches" = whole single-task batches in a fixed cycle, e.g.
+    # 2:1 -> proxy, proxy, VQA, ... (the paper's OmniGen2 code).
     c.data.mixture = ml_collections.ConfigDict({"understanding": 1.0})
+    c.data.mixing = "rows"
     # Real datasets (sgt_jax.data.datasets.REAL_DATASETS): task -> dataset that feeds it (tasks not
     # named read data.dataset), and dataset -> local copy of its release (TFDS manual_dir, used to
     # build it on first use). E.g. {"proxy_segmentation": "sam_sgt", "understanding": "llava_onevision"}.
@@ -243,15 +247,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.umm.splits = ("test", "heldout")  # Shapes World splits for CV-Bench, GenEval and segmentation
     c.eval.umm.seed = 0  # which scenes / prompts (fixed across runs so runs are comparable)
     c.eval.umm.batch_size = 16
-    c.eval.umm.mcq_items = 48  # multiple-choice items per CV-Bench task and split
+    c.eval.umm.mcq_items = 500  # items per CV-Bench task and split (95% interval ~ +-4 points; demo quick: 64)
     c.eval.umm.mcq_method = "likelihood"  # answer log-likelihood | greedy "generate" + parsing | "both"
-    c.eval.umm.geneval_prompts_per_tag = 8
-    c.eval.umm.geneval_images_per_prompt = 1
+    # Evidence block (issue 12): controls that make a CV-Bench score readable.
+    c.eval.umm.mcq_circular = True  # MMBench CircularEval: ask every rotation of the options
+    c.eval.umm.mcq_blind = True  # blind control: the same items with a flat grey image
+    c.eval.umm.geneval_prompts_per_tag = 50  # GenEval analogue: 50 prompts x 4 images per tag
+    c.eval.umm.geneval_images_per_prompt = 4
     c.eval.umm.guidance_scale = 5.0  # GenEval sampling (Janus defaults: CFG 5, temperature 1)
     c.eval.umm.temperature = 1.0
     c.eval.umm.top_k = 0
     c.eval.umm.top_p = 1.0
-    c.eval.umm.seg_images = 32  # SGT inference image -> instance mask, scored by mIoU
+    c.eval.umm.seg_images = 200  # SGT inference image -> instance mask, scored by mIoU
     c.eval.umm.seg_guidance_scale = 1.0  # CFG on the instruction (the image is never dropped)
     c.eval.umm.seg_temperature = 1.0
     c.eval.umm.seg_top_k = 1  # 1 = greedy masks
@@ -528,6 +535,7 @@ _CHOICES: dict[str, Sequence[Any]] = {
     "train.compute_dtype": ("float32", "bfloat16"),
     "checkpoint.best_mode": ("max", "min"),
     "eval.umm.mcq_method": ("likelihood", "generate", "both"),
+    "data.mixing": ("rows", "batches"),
 }
 # Tuple fields whose every element comes from a fixed set.
 _ELEMENT_CHOICES: dict[str, Sequence[Any]] = {

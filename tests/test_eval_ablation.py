@@ -1,5 +1,8 @@
 """configs/ablation_shapes.py: the sweep is every proxy x 3 seeds of valid post_shapes configs."""
 import os
+import sys
+
+import pytest
 
 from sgt_jax.checks import prepare
 from sgt_jax.config import PROXIES, config_module
@@ -23,7 +26,100 @@ def test_sweep_covers_every_proxy_and_seed():
         want = {"understanding"} if p["proxy"] == "none" else {"understanding", f"proxy_{p['proxy']}"}
         assert set(c.data.mixture.keys()) == want
     # one point by hand, as tools/train.py would load it
-    c = mod.get_config("proxy=depth,seed=2,smoke")
-    assert c.seed == 2 and "proxy_depth" in c.data.mixture
-    plan = mod.run_sweep("runs/base", "runs/ablation", seeds=1, proxies=("edge",), dry_run=True)
-    assert "configs/ablation_shapes.py:proxy=edge,seed=0,base=runs/base --workdir=runs/ablation/edge_s0" in plan
+    c = mod.get_config("proxy=depth,seed=2,smoke,mixing=batches")
+    assert c.seed == 2 and "proxy_depth" in c.data.mixture and c.data.mixing == "batches"
+    with pytest.raises(ValueError, match="mixing"):
+        mod.get_config("proxy=depth,mixing=sometimes")
+
+
+def _tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation_tool", os.path.join(ROOT, "tools", "ablation.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["ablation_tool"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_driver_plan_flags_and_errors(capsys):
+    tool = _tool()
+    plan = tool.make_plan("/w", "full", rows=tool.ROWS, seeds=3, ratios=(0, 1, 2, 3), equal_vqa=True, mixing="batches")
+    names = [s.name for s in plan.stages]
+    assert names[:4] == ["data", "vq", "base", "base_eval"]
+    assert len(names) == len(set(names))  # ratio 0:1 / 2:1 and equal steps reuse the seed-0 runs
+    assert {f"{r}_s{s}" for r in tool.ROWS[1:] for s in range(3)} <= set(names)
+    assert {"segmentation_ratio1_s0", "segmentation_ratio3_s0", "segmentation_equal_vqa_s0"} <= set(names)
+    assert all("mixing=batches" in " ".join(s.argv) for s in plan.stages
+               if s.name.startswith("edge_s") and not s.name.endswith("_eval"))
+    with pytest.raises(SystemExit) as e:
+        tool.parse_args(["--rows=base,bogus"])
+    assert e.value.code == 2 and "bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        tool.parse_args(["--ratios=a,b"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        tool.parse_args(["--eval", "mcq_itemz=3"])
+    assert e.value.code == 2 and "mcq_itemz" in capsys.readouterr().err
+    plan = tool.make_plan("/w", "quick", rows=("none",), seeds=1, ratios=(), equal_vqa=False, mixing="rows",
+                          eval_overrides=("mcq_items=300",))
+    assert plan.stages[-1].argv[-1] == "--override=mcq_items=300"
+
+
+def test_driver_end_to_end_with_simulated_runs(tmp_path, monkeypatch):
+    """The driver's stages, resume markers and report on simulated evaluations (the real micro run is
+    `tools/ablation.py --profile=micro ...`; here the runner fakes training and writes metrics that
+    the real scorers computed from simulated answers)."""
+    import json
+
+    import numpy as np
+
+    from sgt_jax.data import shapes_world as sw
+    from sgt_jax.eval import cvbench, geneval, umm_results
+
+    tool = _tool()
+    skill = {"base": 0.3, "none": 0.5, "segmentation": 0.95}
+    calls = []
+
+    def runner(argv):
+        calls.append(argv)
+        workdir = next(a.split("=", 1)[1] for a in argv if a.startswith("--workdir="))
+        if argv[1] != "tools/evaluate.py":
+            os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+            return 0
+        name = os.path.basename(workdir)
+        row = name.split("_s")[0]
+        seed = int(name.rsplit("_s", 1)[1]) if "_s" in name else 0
+        rng = np.random.default_rng([seed, len(row)])
+
+        def answer(run, asked, batch_size=16):
+            return [int(it["answer"]) if rng.random() < skill[row] else int(rng.integers(len(it["choices"])))
+                    for it in asked]
+
+        monkeypatch.setattr(cvbench, "answer_by_likelihood", answer)
+        cv = cvbench.evaluate(None, sw.WorldConfig(), "test", per_task=24, seed=0)
+        results = [{"tag": t, "correct": bool(rng.random() < skill[row])} for t in geneval.TAGS for _ in range(10)]
+        ge = geneval.score(results, intervals=True)
+        ge["per_image"] = {"tag": [r["tag"] for r in results], "correct": [r["correct"] for r in results]}
+        seg = {"miou": skill[row] / 2, "per_image_miou": list(rng.random(12) * skill[row]), "vq_ceiling_miou": 0.9}
+        umm_results.write_metrics(workdir, {"step": 1, "splits": {"test": {"cvbench": cv, "geneval": ge,
+                                                                         "segmentation": seg}}})
+        return 0
+
+    out, work = tmp_path / "results", tmp_path / "work"
+    argv = [f"--out={out}", f"--work={work}", "--profile=micro", "--rows=base,none,segmentation", "--seeds=3",
+            "--ratios=", "--no-equal_vqa"]
+    assert tool.main(argv, runner=runner) == 0
+    md = (out / "report.md").read_text()
+    assert "| +SFT+SGT (instance segmentation) | 3 |" in md and "| base | 1 |" in md
+    sgt = [line for line in md.splitlines() if line.startswith("| +SFT+SGT (instance segmentation) | CV-Bench (all")]
+    assert sgt and "significant at 95%" in sgt[0]
+    assert "not distinguishable" in md or "significant at 95%" in md
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"][0] == "tools/ablation.py" and manifest["commit"] and manifest["machine"]["cpus"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["rows"]) == {"base", "+SFT only", "+SFT+SGT (instance segmentation)"}
+    assert len(list((out / "runs").glob("*.json"))) == 7 and (out / "ablation_rows.png").exists()
+    # resumable: a second run trains and evaluates nothing
+    n = len(calls)
+    assert tool.main(argv, runner=runner) == 0 and len(calls) == n

@@ -30,6 +30,13 @@ class OracleRun:
     def sample_images(self, cond, uncond, sampling, rng):
         return np.roll(cond, self.shift, axis=0)
 
+    # a lossless tokenizer: "codes" are the images themselves, so the VQ ceiling is 1.0
+    def encode_images(self, images):
+        return np.asarray(images)
+
+    def decode_codes(self, codes):
+        return np.asarray(codes)
+
 
 def test_geneval_scores_true_images_perfectly():
     specs = text.geneval_prompts(2, seed=0, cfg=WORLD, split="test")
@@ -52,7 +59,8 @@ def test_segmentation_of_true_masks_is_perfect():
         run.masks = {np.asarray(s["image"], np.uint8).tobytes(): s["instance"] for s in scenes}
         res = geneval_eval.evaluate_segmentation(run, WORLD, "test", num_images=5, sampling=SamplingConfig(),
                                                  batch_size=2)
-        assert res["num_images"] == 5
+        assert res["num_images"] == 5 and res["vq_ceiling_miou"] == 1.0 and len(res["per_image_miou"]) == 5
+        assert res["miou_ci"][0] <= res["miou"] <= res["miou_ci"][1]
         if shift == 0:
             assert res["miou"] == 1.0 and res["pixel_accuracy"] == 1.0
         else:

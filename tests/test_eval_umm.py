@@ -34,6 +34,7 @@ def tiny_config(tokenizer_dir: str = ""):
     u.gen_embed_dim, u.gen_adapter_dim, u.gen_head_dim, u.und_adapter_dim = 8, 32, 32, 32
     e = c.eval.umm
     e.batch_size, e.mcq_items, e.geneval_prompts_per_tag, e.seg_images = 8, 3, 1, 3
+    e.geneval_images_per_prompt = 1
     e.probe_train_scenes, e.probe_test_scenes, e.probe_steps, e.attn_items = 24, 12, 10, 6
     return prepare(c)
 
@@ -129,6 +130,12 @@ def test_full_suite_keys_and_ranges(tiny, suite_metrics):
         for t in cvbench.CVBENCH_TASKS + ("mean",):
             assert _in_unit(cv[t]), (split, t, cv)
         assert all(n == 3 for n in cv["n"].values())
+        # the controls next to every accuracy
+        assert all(cv["ci"][t][0] <= cv[t] <= cv["ci"][t][1] for t in cvbench.CVBENCH_TASKS)
+        assert cv["chance"]["relation"] == 0.25 and cv["chance"]["depth_order"] == 0.5
+        assert set(cv["blind"]) >= set(cvbench.CVBENCH_TASKS) and set(cv["visual"]) == set(cvbench.CVBENCH_TASKS)
+        assert all(cv["circular"][t] <= cv[t] for t in cvbench.CVBENCH_TASKS)
+        assert len(cv["per_item"]["pick"]) == 12 and abs(sum(cv["letters"]["relation"].values()) - 1) < 1e-9
         ge = res["geneval"]
         for t in TAGS + ("overall",):
             assert _in_unit(ge[t]), (split, t)
@@ -139,6 +146,8 @@ def test_full_suite_keys_and_ranges(tiny, suite_metrics):
         for k in ("miou", "miou_hungarian", "background_iou", "pixel_accuracy"):
             assert _in_unit(seg[k]), k
         assert seg["num_images"] == 3 and seg["miou_hungarian"] >= seg["miou"] - 1e-9
+        assert _in_unit(seg["vq_ceiling_miou"]) and len(seg["per_image_miou"]) == 3
+        assert len(ge["per_image"]["correct"]) == 6 and set(ge["ci"]) >= set(TAGS)
     p = m["probes"]
     assert p["layers"] == ["vit_0", "vit_1", "llm_0", "llm_1", "llm_2"]
     for t in ("shape", "color", "count"):
@@ -264,4 +273,24 @@ def test_report_with_plots(tiny, suite_metrics, tmp_path):
     assert "| +SFT | ![+SFT geneval](r1/eval/geneval_test.png) | ![+SFT segmentation](r1/eval/segmentation_test.png) |" in md
     abl = report.write_ablation_report({"segmentation": list(dirs.values()), "none": [dirs["base"]]},
                                        str(tmp_path / "ablation.md"))
-    assert "20.0 ± 10.0" in abl and "(n=3)" in abl
+    assert "| segmentation | 3 | " in abl and "20.0 [0.0, 44.8]" in abl  # mean and t interval over 3 seeds
+    # the report carries intervals, the blind control, CircularEval and paired verdicts on the same items
+    assert "accuracy [95% CI]" in md and "blind (grey image)" in md and "circular (chance)" in md
+    paired = [line for line in md.splitlines() if line.startswith("| +SFT+SGT vs +SFT |")]
+    assert paired and all(("not distinguishable" in line) or ("significant at 95%" in line) for line in paired)
+    assert "Sample sizes: 3 items per CV-Bench task" in md
+
+
+def test_demo_report_points_to_the_full_result(tmp_path):
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("demo_tool", os.path.join(root, "tools", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    sys.modules["demo_tool"] = demo
+    spec.loader.exec_module(demo)
+    lines = "\n".join(demo.ablation_pointer())
+    assert "results/shapes_ablation/" in lines
+    summary = os.path.join(root, "results", "shapes_ablation", "summary.json")
+    full = os.path.exists(summary) and json.load(open(summary)).get("profile") == "full"
+    assert ("NOT been run yet" in lines) != full

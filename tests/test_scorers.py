@@ -74,7 +74,12 @@ def test_clause_logic():
     assert ok({"include": [{"class": "star", "count": 2}], "exclude": [{"class": "star", "count": 3}]})
     assert not ok({"include": [{"class": "star", "count": 3}], "exclude": [{"class": "star", "count": 4}]})
     assert not ok({"include": [{"class": "star", "count": 1}], "exclude": [{"class": "star", "count": 2}]})
-    assert ok({"include": [{"class": "star", "count": 1, "color": "blue"}]})
+    # GenEval order: the most confident (here: largest) star is chosen first, then its colour checked
+    assert not ok({"include": [{"class": "star", "count": 1, "color": "blue"}]})
+    assert ok({"include": [{"class": "star", "count": 1, "color": "red"}]})
+    assert ok({"include": [{"class": "star", "count": 2, "color": "blue"}]}) is False
+    bigger_blue = [dict(dets[1], area=60), dets[0], dets[2]]
+    assert geneval.evaluate_detections(bigger_blue, {"include": [{"class": "star", "count": 1, "color": "blue"}]})[0]
     assert not ok({"include": [{"class": "heart", "count": 1, "color": "blue"}]})
     assert ok({"include": [{"class": "heart", "count": 1}, {"class": "star", "count": 1, "color": "red",
                                                               "position": ["above", 0]}]})

@@ -138,3 +138,26 @@ def test_corpus_covers_all_text_kinds():
     for inst in text.INSTRUCTIONS["segmentation"][:3] + text.INSTRUCTIONS["depth"][:1]:
         assert inst in items
     assert "Answer:" in joined and "a photo of" in joined and "closer to" in joined
+
+
+def test_training_questions_use_the_evaluation_layouts():
+    """Training MCQs are laid out like the balanced evaluation set: relation always offers the four
+    directions, counts offer 0..2 (shape) or four consecutive numbers from >= 1 (objects), ascending."""
+    kinds = set()
+    for seed in range(60):
+        sc = sw.generate_scene(seed, CFG, "train")
+        for q in text.mcq_questions(sc, np.random.default_rng(seed)):
+            if q["task"] == "relation":
+                assert tuple(q["choices"]) == text.RELATION_CHOICES
+            elif q["task"] == "count":
+                nums = [int(c) for c in q["choices"]]
+                assert nums == sorted(nums) and nums == list(range(nums[0], nums[0] + len(nums)))
+                if "objects" in q["question"]:
+                    kinds.add("objects")
+                    assert nums[0] >= 1 and len(nums) == text.COUNT_OPTIONS
+                else:
+                    kinds.add("shape")
+                    assert nums == [0, 1, 2]
+            elif q["task"] in ("depth_order", "distance"):
+                assert len(q["choices"]) == 2
+    assert kinds == {"objects", "shape"}

@@ -5,8 +5,9 @@ mixes the per-task datasets) and to the training stage (which names its per-task
 it), so no other module reads `data.mixture`. The field's names and weights are checked by
 `config.check_core`; this object only carries them.
 
-`mode` says how tasks share the batches; "rows" (today's only mode) interleaves rows by weight
-with grain's `MapDataset.mix`, so a batch holds rows of several tasks.
+`mode` (`data.mixing`) says how tasks share the batches: "rows" interleaves rows by weight with
+grain's `MapDataset.mix`, so a batch holds rows of several tasks; "batches" cycles whole
+single-task batches (`pipeline.interleave_batches`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 from sgt_jax.config import TASKS
 
 Transform = Callable[[dict, np.random.Generator], dict]
-MODES = ("rows",)
+MODES = ("rows", "batches")  # data.mixing: rows interleaved by weight, or whole single-task batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Mixture:
         task) binds them. A mapping must cover every mixed task; tasks it has beyond them are unused."""
         weights = {str(t): float(w) for t, w in dict(cfg.data.mixture).items()}
         tasks = tuple(sorted(weights))
-        mixture = cls(tasks, tuple(weights[t] for t in tasks))
+        mixture = cls(tasks, tuple(weights[t] for t in tasks), mode=str(cfg.data.mixing))
         return mixture if transforms is None else mixture.bind(transforms)
 
     @classmethod

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import grain
 import numpy as np
@@ -180,6 +180,83 @@ def _task_dataset(source: RecordSource, fn: Transform, task: str, task_id: int |
     return ds.random_map(_ApplyTransform(fn, task_id), seed=task_seed(seed, task, "transform"))
 
 
+def batch_pattern(weights: Mapping[str, float], max_cycle: int = 12) -> list[str]:
+    """The cycle of whole-batch tasks for `data.mixing = "batches"`: weights {proxy: 2, vqa: 1} ->
+    [proxy, proxy, vqa]. Weights become the smallest integer ratio with a cycle of at most
+    `max_cycle` batches; tasks run in descending weight (ties by name), each as one block, as the
+    paper's OmniGen2 loader does (two segmentation batches, then one SFT batch). Zero weights drop out."""
+    from fractions import Fraction
+
+    live = {t: float(w) for t, w in weights.items() if float(w) > 0}
+    if not live:
+        raise ValueError(f"config field 'data.mixture' = {dict(weights)} has no positive weight")
+    top = max(live.values())
+    fracs = {t: Fraction(w / top).limit_denominator(max_cycle) for t, w in live.items()}
+    denom = 1
+    for f in fracs.values():
+        denom = denom * f.denominator // np.gcd(denom, f.denominator)
+    counts = {t: int(f * denom) for t, f in fracs.items()}
+    g = 0
+    for c in counts.values():
+        g = int(np.gcd(g, c))
+    counts = {t: c // g for t, c in counts.items()}
+    if sum(counts.values()) > max_cycle or any(c == 0 for c in counts.values()):
+        raise ValueError(f"config field 'data.mixture' = {dict(weights)}: with data.mixing='batches' the weights "
+                         f"need a whole-batch cycle of at most {max_cycle} batches (got {counts})")
+    order = sorted(counts, key=lambda t: (-counts[t], t))
+    return [t for t in order for _ in range(counts[t])]
+
+
+class _BatchInterleaveIterator(grain.DatasetIterator):
+    """Whole batches from per-task iterators in a fixed cycle; the state is the cycle position plus
+    every child's state, so a restore continues the cycle exactly."""
+
+    def __init__(self, parents: Sequence[grain.DatasetIterator], pattern: Sequence[int]):
+        super().__init__(list(parents))
+        self._pattern = list(pattern)
+        self._pos = 0
+
+    def __next__(self):
+        batch = next(self._parents[self._pattern[self._pos]])
+        self._pos = (self._pos + 1) % len(self._pattern)
+        return batch
+
+    def get_state(self):
+        return {"pos": self._pos, "parents": [p.get_state() for p in self._parents]}
+
+    def set_state(self, state):
+        self._pos = int(state["pos"])
+        for p, s in zip(self._parents, state["parents"], strict=True):
+            p.set_state(s)
+
+    def __str__(self) -> str:
+        return f"BatchInterleaveIterator(pattern={self._pattern})"
+
+
+class _BatchInterleaveIterDataset(grain.IterDataset):
+    def __init__(self, parents: Sequence[grain.IterDataset], pattern: Sequence[int]):
+        super().__init__(list(parents))
+        self._pattern = list(pattern)
+
+    def __iter__(self):
+        return _BatchInterleaveIterator([p.__iter__() for p in self._parents], self._pattern)
+
+    def __str__(self) -> str:
+        return "BatchInterleaveIterDataset"
+
+
+def interleave_batches(batched: Mapping[str, grain.IterDataset], weights: Mapping[str, float]) -> grain.IterDataset:
+    """`data.mixing = "batches"`: per-task batched datasets -> one dataset of whole single-task batches
+    in the cycle `batch_pattern(weights)`. A finite (evaluation) pass ends with the first task that
+    runs out."""
+    pattern = batch_pattern(weights)
+    names = sorted(batched)
+    missing = sorted(set(pattern) - set(names))
+    if missing:
+        raise ValueError(f"interleave_batches: no batched dataset for tasks {missing}")
+    return _BatchInterleaveIterDataset([batched[t] for t in names], [names.index(t) for t in pattern])
+
+
 def make_dataset(cfg, split: str, transform: Transform | Mixture, *, process_index: int | None = None,
                  process_count: int | None = None, seed: int | None = None, batch_size: int | None = None,
                  training: bool | None = None, sources: RecordSource | Mapping[str, RecordSource] | None = None,
@@ -218,15 +295,22 @@ def make_dataset(cfg, split: str, transform: Transform | Mixture, *, process_ind
     parts = [_task_dataset(sources[t], fn, t, task_id, image_size=image_size, process_index=process_index,
                            process_count=process_count, seed=seed, training=training)
              for t, _, task_id, fn in mixture.items()]
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(mixture.weights))
     read = grain.ReadOptions(num_threads=max(1, min(16, os.cpu_count() or 1)),
                              prefetch_buffer_size=max(16, 2 * batch_size))
-    it_ds = _SkipInvalidIterDataset(ds.to_iter_dataset(read), max_consecutive_skips)
-    if cfg.data.get("packing", False):  # variable-length text examples share rows (data/packing.py)
-        from sgt_jax.data import packing
 
-        it_ds = packing.pack(it_ds, cfg.data.max_seq_len, num_bins=cfg.data.packing_bins, seed=seed)
-    it_ds = it_ds.batch(batch_size, drop_remainder=True)
+    def batched(ds):  # skip invalid records, optionally pack text rows, batch with a static shape
+        stream = _SkipInvalidIterDataset(ds.to_iter_dataset(read), max_consecutive_skips)
+        if cfg.data.get("packing", False):  # variable-length text examples share rows (data/packing.py)
+            from sgt_jax.data import packing
+
+            stream = packing.pack(stream, cfg.data.max_seq_len, num_bins=cfg.data.packing_bins, seed=seed)
+        return stream.batch(batch_size, drop_remainder=True)
+
+    if mixture.mode == "batches" and len(parts) > 1:  # data.mixing, carried by the Mixture
+        it_ds = interleave_batches({t: batched(p) for t, p in zip(mixture.tasks, parts, strict=True)},
+                                   dict(zip(mixture.tasks, mixture.weights, strict=True)))
+    else:
+        it_ds = batched(parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(mixture.weights)))
     num_workers = cfg.data.num_workers if num_workers is None else num_workers
     if num_workers > 0:
         from absl import flags

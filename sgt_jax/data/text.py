@@ -7,7 +7,11 @@ object list by rules that the scorers (`sgt_jax.eval.mcq`, `sgt_jax.eval.geneval
 Referring expressions: (colour, shape) pairs are unique within a scene, so "the red star" names one
 object. Geometry used by the questions:
 * 2D relation: GenEval's position rule on visible boxes (`geneval.relative_position`); only pairs where
-  the relation holds are asked, so the answer is visible.
+  exactly one relation holds are asked, with the four options left / right / above / below every time,
+  so the answer is visible and the option set does not give the axis away.
+* count: "how many <shape>s" offers 0, 1, 2; "how many objects" offers four consecutive numbers.
+  Options ascending. The evaluation set (`balanced_mcq_items`) fills exact quotas so the truth is
+  uniform over the offered numbers and every constant answer scores the chance rate.
 * depth order ("closer to the camera"): smaller depth; only pairs whose depths differ by >= 0.1.
 * relative distance ("closer to X"): Euclidean distance between (centre_x / S, centre_y / S, depth);
   asked only when the farther candidate is >= 1.3x as far as the nearer one.
@@ -234,60 +238,124 @@ def _mcq(task: str, question: str, choices: list[str], answer: str, rng: np.rand
     return {"task": task, "question": question, "choices": choices, "answer": choices.index(answer)}
 
 
-def mcq_questions(scene: Mapping[str, Any], rng: np.random.Generator) -> list[dict]:
-    """At most one question per task in MCQ_TASKS (those the scene supports), each
-    {task, question, choices, answer (index into choices)}."""
+RELATION_CHOICES: tuple[str, ...] = ("left", "right", "above", "below")
+SHAPE_COUNT_MAX = 2  # "how many <shape>s" is offered 0..2: with <= 4 objects of 8 shapes, 3 of one shape is rare
+COUNT_OPTIONS = 4  # "how many objects" offers 4 consecutive numbers
+_REL_WORD = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
+
+
+def _count_question(kind: str, shape: str | None) -> str:
+    return "How many objects are in the image?" if kind == "objects" else \
+        f"How many {sw.PLURALS[shape]} are in the image?"
+
+
+def _relation_question(a: str, b: str) -> str:
+    return (f"Considering the relative positions of the {a} and the {b} in the image, "
+            f"where is the {a} located with respect to the {b}?")
+
+
+def _depth_question(first: str, second: str) -> str:
+    return f"Which of these two objects, the {first} or the {second}, is closer to the camera?"
+
+
+def _distance_question(anchor: str, first: str, second: str) -> str:
+    return (f"Estimate the real-world distances between objects in this image. Which object is "
+            f"closer to the {anchor}, the {first} or the {second}?")
+
+
+def mcq_candidates(scene: Mapping[str, Any]) -> dict[str, list[dict]]:
+    """Every askable CV-Bench-style fact of a scene, per task (the raw material of both the training
+    questions and the balanced evaluation set):
+    * count: {kind: "shape" | "objects", shape, truth}; shape counts only up to SHAPE_COUNT_MAX;
+    * relation: {a, b, truth} for ordered pairs where exactly one GenEval relation holds (so the four
+      options left / right / above / below have exactly one right answer);
+    * depth_order: {near, far} with depths >= 0.1 apart;
+    * distance: {anchor, near, far}, the farther one >= 1.3x as far from the anchor."""
     objs = sw.scene_objects(scene)
     s = int(np.asarray(scene["image"]).shape[0]) if "image" in scene else 64
     n = len(objs)
-    out = []
-    # count: how many <shape>s (possibly zero) or how many objects
-    if rng.random() < 0.3:
-        truth, q = n, "How many objects are in the image?"
-    else:
-        shape = _pick(rng, sw.SHAPES)
-        truth = sum(o["shape"] == shape for o in objs)
-        q = f"How many {sw.PLURALS[shape]} are in the image?"
-    options = {truth}
-    cands = [c for c in range(0, max(6, truth + 3)) if c != truth]
-    for c in rng.permutation(cands)[:3]:
-        options.add(int(c))
-    out.append(_mcq("count", q, [str(c) for c in sorted(options)], str(truth), rng))
-    # 2D relation
-    pairs = _clear_pairs(objs)
-    if pairs:
-        i, j, rel = pairs[int(rng.integers(len(pairs)))]
-        horizontal = rel in ("left of", "right of")
-        word = {"left of": "left", "right of": "right", "above": "above", "below": "below"}[rel]
-        out.append(_mcq("relation",
-                        f"Considering the relative positions of the {_name(objs[i])} and the {_name(objs[j])} "
-                        f"in the image, where is the {_name(objs[i])} located with respect to the {_name(objs[j])}?",
-                        ["left", "right"] if horizontal else ["above", "below"], word, rng))
-    # depth order
-    depth_pairs = [(i, j) for i, j in itertools.combinations(range(n), 2)
-                   if abs(objs[i]["depth"] - objs[j]["depth"]) >= 0.1]
-    if depth_pairs:
-        i, j = depth_pairs[int(rng.integers(len(depth_pairs)))]
-        near = i if objs[i]["depth"] < objs[j]["depth"] else j
-        out.append(_mcq("depth_order",
-                        f"Which of these two objects, the {_name(objs[i])} or the {_name(objs[j])}, "
-                        "is closer to the camera?",
-                        [_name(objs[i]), _name(objs[j])], _name(objs[near]), rng))
-    # relative distance to an anchor
-    triples = []
+    out: dict[str, list[dict]] = {"count": [{"kind": "objects", "shape": None, "truth": n}]}
+    for shape in sw.SHAPES:
+        k = sum(o["shape"] == shape for o in objs)
+        if k <= SHAPE_COUNT_MAX:
+            out["count"].append({"kind": "shape", "shape": shape, "truth": k})
+    out["relation"] = []
+    for i, j in itertools.permutations(range(n), 2):
+        rels = relative_position(objs[i]["bbox"], objs[j]["bbox"])
+        if len(rels) == 1:
+            out["relation"].append({"a": _name(objs[i]), "b": _name(objs[j]), "truth": _REL_WORD[next(iter(rels))]})
+    out["depth_order"] = []
+    for i, j in itertools.combinations(range(n), 2):
+        if abs(objs[i]["depth"] - objs[j]["depth"]) >= 0.1:
+            near, far = (i, j) if objs[i]["depth"] < objs[j]["depth"] else (j, i)
+            out["depth_order"].append({"near": _name(objs[near]), "far": _name(objs[far])})
+    out["distance"] = []
     for a in range(n):
+        pa = _position3d(objs[a], s)
         for b, c in itertools.combinations([k for k in range(n) if k != a], 2):
-            pa = _position3d(objs[a], s)
             db = np.linalg.norm(_position3d(objs[b], s) - pa)
             dc = np.linalg.norm(_position3d(objs[c], s) - pa)
             if max(db, dc) >= 1.3 * min(db, dc):
-                triples.append((a, b, c, b if db < dc else c))
-    if triples:
-        a, b, c, near = triples[int(rng.integers(len(triples)))]
-        out.append(_mcq("distance",
-                        f"Estimate the real-world distances between objects in this image. Which object is "
-                        f"closer to the {_name(objs[a])}, the {_name(objs[b])} or the {_name(objs[c])}?",
-                        [_name(objs[b]), _name(objs[c])], _name(objs[near]), rng))
+                near, far = (b, c) if db < dc else (c, b)
+                out["distance"].append({"anchor": _name(objs[a]), "near": _name(objs[near]), "far": _name(objs[far])})
+    return out
+
+
+def count_window(kind: str, truth: int, lo: int) -> list[str]:
+    """The offered numbers of a count item, ascending: 0..SHAPE_COUNT_MAX for shape counts, COUNT_OPTIONS
+    consecutive numbers from `lo` for object counts."""
+    if kind == "shape":
+        return [str(v) for v in range(SHAPE_COUNT_MAX + 1)]
+    return [str(v) for v in range(lo, lo + COUNT_OPTIONS)]
+
+
+def build_mcq(task: str, cand: Mapping[str, Any], *, letter: int = 0, truth_first: bool = True,
+              lo: int = 0) -> dict:
+    """One item {task, question, choices, answer} from a candidate of `mcq_candidates`.
+
+    count: options ascending (`count_window`), so the letter is fixed by the truth; relation: the four
+    fixed options, so the letter is fixed by the relation; depth_order / distance: the right object sits
+    at `letter` and is named first in the question when `truth_first`."""
+    if task == "count":
+        choices = count_window(cand["kind"], cand["truth"], lo)
+        return {"task": task, "question": _count_question(cand["kind"], cand["shape"]), "choices": choices,
+                "answer": choices.index(str(cand["truth"]))}
+    if task == "relation":
+        return {"task": task, "question": _relation_question(cand["a"], cand["b"]),
+                "choices": list(RELATION_CHOICES), "answer": RELATION_CHOICES.index(cand["truth"])}
+    if task not in ("depth_order", "distance"):
+        raise ValueError(f"unknown CV-Bench task {task!r}; allowed: count, relation, depth_order, distance")
+    named = (cand["near"], cand["far"]) if truth_first else (cand["far"], cand["near"])
+    choices = [cand["far"], cand["far"]]
+    choices[letter] = cand["near"]
+    choices[1 - letter] = cand["far"]
+    q = _depth_question(*named) if task == "depth_order" else _distance_question(cand["anchor"], *named)
+    return {"task": task, "question": q, "choices": choices, "answer": letter}
+
+
+def mcq_questions(scene: Mapping[str, Any], rng: np.random.Generator) -> list[dict]:
+    """At most one question per task in MCQ_TASKS (those the scene supports), each
+    {task, question, choices, answer (index into choices)}: the training questions, in exactly the
+    layouts of the balanced evaluation set (`balanced_mcq_items`). The count truth is drawn uniformly
+    over the values the scene offers (not over shapes, which would make "0" the usual answer)."""
+    objs = sw.scene_objects(scene)
+    cands = mcq_candidates(scene)
+    out = []
+    count = cands["count"]
+    if rng.random() < 0.5:
+        c = count[0]
+        lo = int(rng.integers(max(1, c["truth"] - COUNT_OPTIONS + 1), c["truth"] + 1))
+    else:
+        shape_c = count[1:]
+        values = sorted({c["truth"] for c in shape_c})
+        v = values[int(rng.integers(len(values)))]
+        c = _pick(rng, [c for c in shape_c if c["truth"] == v])
+        lo = 0
+    out.append(build_mcq("count", c, lo=lo))
+    for task in ("relation", "depth_order", "distance"):
+        if cands[task]:
+            out.append(build_mcq(task, _pick(rng, cands[task]), letter=int(rng.integers(2)),
+                                 truth_first=bool(rng.integers(2))))
     # attribute: colour of a uniquely-shaped object, or shape of a uniquely-coloured one
     by_shape = [o for o in objs if sum(p["shape"] == o["shape"] for p in objs) == 1]
     by_color = [o for o in objs if sum(p["color"] == o["color"] for p in objs) == 1]
@@ -302,6 +370,104 @@ def mcq_questions(scene: Mapping[str, Any], rng: np.random.Generator) -> list[di
         opts = [o["shape"]] + [wrong[i] for i in rng.permutation(len(wrong))[:3]]
         out.append(_mcq("attribute", f"What shape is the {o['color']} object?", opts, o["shape"], rng))
     return out
+
+
+def _split_evenly(n: int, k: int) -> list[int]:
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
+
+
+def mcq_cells(task: str, per_task: int, cfg=None) -> dict[tuple, int]:
+    """Quota per cell of the balanced evaluation set. A cell fixes what a blind model could exploit:
+    count (kind, window start, truth): half shape counts, half object counts, truth uniform over the
+    offered numbers; relation (truth): uniform over the four options; depth_order / distance (answer
+    letter, right object named first): uniform over the four combinations.
+
+    Exact balance needs a world whose object counts span >= COUNT_OPTIONS values (the default 1..4)
+    and max_objects >= SHAPE_COUNT_MAX; in smaller worlds the truth cannot take every offered number,
+    and `tools/mcq_baselines.py` shows the resulting blind prior."""
+    wcfg = _world_cfg(cfg)
+    if task == "count":
+        shape_n, objects_n = _split_evenly(int(per_task), 2)
+        cells = {}
+        shape_values = range(min(SHAPE_COUNT_MAX, wcfg.max_objects) + 1)
+        for v, q in zip(shape_values, _split_evenly(shape_n, len(shape_values)), strict=True):
+            cells[("shape", 0, v)] = q
+        los = list(range(wcfg.min_objects, max(wcfg.min_objects, wcfg.max_objects - COUNT_OPTIONS + 1) + 1))
+        for lo, q_lo in zip(los, _split_evenly(objects_n, len(los)), strict=True):
+            values = [v for v in range(lo, lo + COUNT_OPTIONS) if wcfg.min_objects <= v <= wcfg.max_objects]
+            # a window wider than the world's range keeps its offered numbers but can only be true on
+            # the values a scene can have; the report's chance rate is 1 / options either way
+            for v, q in zip(values, _split_evenly(q_lo, len(values)), strict=True):
+                cells[("objects", lo, v)] = q
+        return cells
+    if task == "relation":
+        return dict(zip([(r,) for r in RELATION_CHOICES], _split_evenly(int(per_task), 4), strict=True))
+    if task in ("depth_order", "distance"):
+        keys = [(letter, first) for letter in (0, 1) for first in (True, False)]
+        return dict(zip(keys, _split_evenly(int(per_task), 4), strict=True))
+    raise ValueError(f"unknown CV-Bench task {task!r}; allowed: count, relation, depth_order, distance")
+
+
+def _cell_of(task: str, cand: Mapping[str, Any]) -> tuple | None:
+    """The cell a candidate can fill, ignoring layout (which the filler chooses)."""
+    if task == "count":
+        return (cand["kind"], cand["truth"])
+    if task == "relation":
+        return (cand["truth"],)
+    return ()
+
+
+def balanced_mcq_items(cfg=None, split: str = "test", per_task: int = 500, seed: int = 0,
+                       tasks=("count", "relation", "depth_order", "distance"),
+                       max_scenes: int | None = None) -> list[dict]:
+    """A fixed CV-Bench-analogue set with exact quotas (`mcq_cells`): balanced answer letters and
+    answer values, so every constant answer scores the chance rate. Scenes 0, 1, ... of `split` are
+    visited in order and each contributes at most one item per task, to the still-open cell with the
+    largest remaining quota it can fill. Items: {task, question, choices, answer, scene_seed, cell}.
+    Deterministic in (cfg, split, per_task, seed); raises when `max_scenes` cannot fill the quotas."""
+    wcfg = _world_cfg(cfg)
+    if split not in sw.SPLITS:
+        raise ValueError(f"split {split!r} is not allowed; allowed: {list(sw.SPLITS)}")
+    quotas = {t: {k: v for k, v in mcq_cells(t, per_task, wcfg).items() if v > 0} for t in tasks}
+    limit = int(max_scenes) if max_scenes is not None else 40 * max(1, int(per_task)) + 200
+    rng = np.random.default_rng([_PROMPT_SALT, 12, sw.SPLITS.index(split), int(seed)])
+    out: list[dict] = []
+    for i in range(limit):
+        if not any(quotas.values()):
+            break
+        cands = mcq_candidates(sw.generate_scene(i, wcfg, split))
+        for task in tasks:
+            open_cells = quotas[task]
+            if not open_cells:
+                continue
+            options = []  # (remaining quota, tie-break, cell, candidate)
+            for cand in cands[task]:
+                key = _cell_of(task, cand)
+                for cell, left in open_cells.items():
+                    fits = (cell[0], cell[2]) == key if task == "count" else (cell == key if key else True)
+                    if fits:
+                        options.append((left, cell, cand))
+            if not options:
+                continue
+            best = max(o[0] for o in options)
+            top = [o for o in options if o[0] == best]
+            _, cell, cand = top[int(rng.integers(len(top)))]
+            if task == "count":
+                item = build_mcq(task, cand, lo=cell[1])
+            elif task == "relation":
+                item = build_mcq(task, cand)
+            else:
+                item = build_mcq(task, cand, letter=cell[0], truth_first=cell[1])
+            out.append({**item, "scene_seed": i, "cell": list(cell)})
+            open_cells[cell] -= 1
+            if not open_cells[cell]:
+                del open_cells[cell]
+    missing = {t: dict(q) for t, q in quotas.items() if q}
+    if missing:
+        raise ValueError(f"balanced_mcq_items: {limit} scenes of split {split!r} could not fill the quotas "
+                         f"{missing} (per_task={per_task}); pass a larger max_scenes or a smaller per_task")
+    order = {t: k for k, t in enumerate(tasks)}
+    return sorted(out, key=lambda it: (order[it["task"]], it["scene_seed"]))
 
 
 def mcq_eval_items(cfg=None, n_scenes: int = 100, split: str = "test", seed: int = 0) -> list[dict]:

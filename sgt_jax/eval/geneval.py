@@ -5,9 +5,9 @@ Mirrors GenEval's evaluation rules (read, not copied):
   index of an earlier include clause]} and `exclude` clauses {class, count}.
 * include: at least `count` detections of `class`; with `color`, at least `count` of those have that
   colour; with `position`, every chosen object stands in `relation` to every object chosen by the
-  referenced clause. GenEval picks the `count` most confident detections of the class and then checks
-  their colour; our detector has no confidences, so it picks the `count` largest detections *of the
-  required colour* (when a colour is required), which is the same test for an exact detector.
+  referenced clause. As in GenEval, the `count` most confident detections of the class are chosen
+  first and then their colour is checked (so a wrong-coloured object that outranks a right-coloured one
+  fails the clause). Our detector has no confidences; the area stands in for it (largest first).
 * exclude: fails when at least `count` detections of `class` exist (so "three stars" = include 3,
   exclude 4: exact counts).
 * position rule: with box centres c_a, c_b and sizes (w, h), offset = c_a - c_b is shrunk towards 0 by
@@ -44,12 +44,24 @@ def evaluate_image(image: np.ndarray, spec: Mapping[str, Any],
     return {"tag": spec.get("tag"), "correct": bool(ok), "reason": reason, "detections": dets}
 
 
-def score(results: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-    """Per-tag mean of the binary image scores and `overall` = unweighted mean over the tags present."""
+def score(results: Iterable[Mapping[str, Any]], intervals: bool = False) -> dict[str, Any]:
+    """Per-tag mean of the binary image scores and `overall` = unweighted mean over the tags present.
+    With `intervals`: `ci` {tag: Wilson 95% [lo, hi], overall: Wilson over all images} and `n`.
+    (Images of one prompt are not independent; with several images per prompt the interval is a
+    little narrow, which the report states.)"""
+    from sgt_jax.eval import stats
+
     per: dict[str, list[bool]] = {}
     for r in results:
         per.setdefault(r["tag"], []).append(bool(r["correct"]))
-    out = {t: float(np.mean(v)) for t, v in per.items()}
+    out: dict[str, Any] = {t: float(np.mean(v)) for t, v in per.items()}
     tags = [t for t in TAGS if t in out] + [t for t in out if t not in TAGS]
     out["overall"] = float(np.mean([out[t] for t in tags])) if tags else float("nan")
+    if intervals and tags:
+        out["ci"] = {t: list(stats.wilson(int(np.sum(per[t])), len(per[t]))) for t in tags}
+        # overall = mean of equal-sized tags = the pooled rate: Wilson on all images (no degenerate
+        # zero-width interval at 0 or 1)
+        flat = [x for t in tags for x in per[t]]
+        out["ci"]["overall"] = list(stats.wilson(int(np.sum(flat)), len(flat)))
+        out["n"] = {t: len(per[t]) for t in tags}
     return out

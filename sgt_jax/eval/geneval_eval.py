@@ -15,7 +15,8 @@ CFG with paired cond/uncond rows) and score the decoded images exactly against S
   -> instance map, scored by `sgt_jax.data.segmentation.instance_miou` against the true instance map
   (ids matched directly, since the palette order is part of the task; the permutation-invariant
   Hungarian variant is reported too). Runs that never trained the proxy score near zero here, which
-  is the point of the comparison.
+  is the point of the comparison. `miou_ci` is a bootstrap 95% interval over images, and
+  `vq_ceiling_miou` the frozen VQ's reconstruction mIoU of the true masks (the ceiling).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from sgt_jax.data import render, segmentation, text
 from sgt_jax.data import shapes_world as sw
-from sgt_jax.eval import geneval
+from sgt_jax.eval import geneval, stats
 
 _SEG_SALT = 0x5347_5345
 
@@ -76,12 +77,14 @@ def evaluate_geneval(run, world: sw.WorldConfig, split: str, *, prompts_per_tag:
     images = _sample(run, lambda chunk: run.t2i_prefixes([s["prompt"] for s in chunk]), jobs, sampling, seed,
                      batch_size, salt=sw.SPLITS.index(split))
     results = [geneval.evaluate_image(img, spec) for img, spec in zip(images, jobs, strict=True)]
-    out: dict[str, Any] = geneval.score(results)
+    out: dict[str, Any] = geneval.score(results, intervals=True)
     # GenEval's clauses ignore extra objects, so a cluttered or noisy image can pass "a photo of a
     # circle". `strict` also requires exactly the prompted number of detections (a diagnostic).
     wanted = [sum(int(r["count"]) for r in spec["include"]) for spec in jobs]
     strict = [{"tag": r["tag"], "correct": r["correct"] and len(r["detections"]) == n} for r, n in zip(results, wanted, strict=True)]
-    out["strict"] = geneval.score(strict)
+    out["strict"] = geneval.score(strict, intervals=True)
+    out["per_image"] = {"tag": [r["tag"] for r in results], "correct": [bool(r["correct"]) for r in results],
+                        "strict": [bool(r["correct"]) for r in strict]}
     out["mean_detections"] = float(np.mean([len(r["detections"]) for r in results]))
     out["mean_prompted_objects"] = float(np.mean(wanted))
     out.update(num_prompts=len(specs), num_images=len(jobs), images_per_prompt=int(images_per_prompt),
@@ -94,6 +97,22 @@ def evaluate_geneval(run, world: sw.WorldConfig, split: str, *, prompts_per_tag:
         out["samples"] = os.path.basename(save_grid(picks, os.path.join(sample_dir, f"geneval_{split}.png"),
                                                     columns=cols))
     return out
+
+
+def vq_ceiling(run, scenes: Sequence[dict], batch_size: int = 16) -> dict[str, Any]:
+    """The frozen VQ's own reconstruction mIoU of the true instance masks (rendered as in training,
+    encoded, decoded, snapped to the palette): the best mIoU any generated mask can reach through
+    this tokenizer."""
+    rgb = np.stack([render.instance_to_rgb(s["instance"]) for s in scenes]).astype(np.uint8)
+    decoded = []
+    for lo, hi, size in _batches(len(rgb), batch_size):
+        chunk = rgb[lo:hi]
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
+        decoded.append(run.decode_codes(run.encode_images(chunk))[: hi - lo])
+    rec = np.concatenate(decoded)
+    per = [segmentation.instance_miou(render.rgb_to_instance(r), np.asarray(s["instance"]), "id")
+           for r, s in zip(rec, scenes, strict=True)]
+    return segmentation.aggregate(per)
 
 
 def evaluate_segmentation(run, world: sw.WorldConfig, split: str, *, num_images: int, sampling, seed: int = 0,
@@ -117,10 +136,14 @@ def evaluate_segmentation(run, world: sw.WorldConfig, split: str, *, num_images:
         by_id.append(segmentation.instance_miou(pred, true, "id"))
         by_match.append(segmentation.instance_miou(pred, true, "hungarian"))
     agg, agg_h = segmentation.aggregate(by_id), segmentation.aggregate(by_match)
-    out: dict[str, Any] = {"miou": agg["miou"], "miou_hungarian": agg_h["miou"],
+    ceiling = vq_ceiling(run, [s for s, _ in jobs], batch_size)
+    boot = stats.bootstrap_mean([r["ious"] for r in by_id], seed=int(seed))
+    out: dict[str, Any] = {"miou": agg["miou"], "miou_ci": [boot["lo"], boot["hi"]], "miou_hungarian": agg_h["miou"],
                            "background_iou": agg["background_iou"], "pixel_accuracy": agg["pixel_accuracy"],
                            "num_images": agg["num_images"], "num_instances": agg["num_instances"],
-                           "sampling": sampling.as_dict()}
+                           "vq_ceiling_miou": ceiling["miou"], "sampling": sampling.as_dict(),
+                           # per image: mean IoU of its instances (paired comparisons between runs)
+                           "per_image_miou": [r["miou"] for r in by_id]}
     if sample_dir:
         k = min(8, len(jobs))
         truth = [render.instance_to_rgb(s["instance"]) for s, _ in jobs[:k]]

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from sgt_jax.eval import stats
 from sgt_jax.eval.cvbench import CVBENCH_TASKS
 from sgt_jax.eval.geneval import TAGS
 from sgt_jax.eval.umm_results import read_metrics
@@ -80,6 +81,168 @@ def ablation_table(groups: Mapping[str, Sequence[Mapping[str, Any]]], split: str
             cells.append(_fmt(float(vals.mean()), std))
         rows.append((f"{name} (n={len(runs)})", cells))
     return _table(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# intervals, controls and paired verdicts
+# ---------------------------------------------------------------------------------------------
+_TASK_NAMES = {"count": "Count", "relation": "Relation", "depth_order": "Depth", "distance": "Distance",
+               "mean": "CV-Bench mean"}
+
+
+def _part(m: Mapping[str, Any], split: str, part: str) -> dict:
+    return ((m.get("splits") or {}).get(split) or {}).get(part) or {}
+
+
+def _ci(lo_hi) -> str:
+    if not lo_hi or any(v is None or not math.isfinite(float(v)) for v in lo_hi):
+        return "–"
+    return f"[{100 * float(lo_hi[0]):.1f}, {100 * float(lo_hi[1]):.1f}]"
+
+
+def _letters(dist: Mapping[str, float] | None) -> str:
+    if not dist:
+        return "–"
+    return " ".join(f"{k}{100 * v:.0f}" for k, v in dist.items() if v or k != "none")
+
+
+def cvbench_detail(metrics: Mapping[str, Mapping[str, Any]], split: str = "test") -> str:
+    """Per run and task: accuracy with its Wilson 95% interval, chance, blind control, CircularEval,
+    letters picked, and whether the model uses the image at all (sighted vs blind, exact McNemar)."""
+    head = ("| run | task | n | accuracy [95% CI] | chance | blind (grey image) | circular (chance) | "
+            "letters picked (%) | sighted vs blind |")
+    lines = [head, "|---|---|---:|---|---:|---|---|---|---|"]
+    for name, m in metrics.items():
+        cv = _part(m, split, "cvbench")
+        if not cv:
+            continue
+        for t in list(CVBENCH_TASKS) + ["mean"]:
+            if t not in cv:
+                continue
+            n = (cv.get("n") or {}).get(t, sum((cv.get("n") or {}).values()) if t == "mean" else 0)
+            blind = cv.get("blind") or {}
+            circ = cv.get("circular") or {}
+            vis = (cv.get("visual") or {}).get(t) or {}
+            blind_cell = f"{_fmt(blind[t])} {_ci((blind.get('ci') or {}).get(t))}" if t in blind else "–"
+            circ_cell = (f"{_fmt(circ[t])} ({_fmt((circ.get('chance') or {}).get(t, float('nan')))})"
+                         if t in circ else "–")
+            verdict = f"{vis['says']} (p={vis['p']:.3g})" if vis else "–"
+            lines.append(f"| {name} | {_TASK_NAMES[t]} | {n} | {_fmt(cv[t])} {_ci((cv.get('ci') or {}).get(t))} | "
+                         f"{_fmt((cv.get('chance') or {}).get(t, float('nan')))} | {blind_cell} | {circ_cell} | "
+                         f"{_letters((cv.get('letters') or {}).get(t))} | {verdict} |")
+    return "\n".join(lines)
+
+
+def visual_summary(metrics: Mapping[str, Mapping[str, Any]], split: str = "test") -> list[str]:
+    """One plain line per run: on which tasks the blind control scores the same as the sighted model."""
+    out = []
+    for name, m in metrics.items():
+        vis = _part(m, split, "cvbench").get("visual") or {}
+        if not vis:
+            continue
+        blind = [_TASK_NAMES[t] for t in CVBENCH_TASKS if t in vis and vis[t]["says"].startswith("blind ≈ sighted")]
+        seeing = [_TASK_NAMES[t] for t in CVBENCH_TASKS if t in vis and vis[t]["says"].startswith("uses the image")]
+        if len(blind) == len(vis):
+            out.append(f"- **{name}: blind ≈ sighted on every task: learned nothing visual.**")
+        else:
+            out.append(f"- {name}: uses the image on {', '.join(seeing) or 'no task'}; blind ≈ sighted (learned "
+                       f"nothing visual) on {', '.join(blind) or 'no task'}.")
+    return out
+
+
+def generation_detail(metrics: Mapping[str, Mapping[str, Any]], split: str = "test") -> str:
+    """GenEval per tag with Wilson 95% intervals, the strict score beside it, and segmentation mIoU with
+    its bootstrap interval and the VQ's reconstruction ceiling."""
+    lines = ["| run | " + " | ".join(TAGS) + " | GenEval overall | strict overall | Seg mIoU [95% CI] | VQ ceiling |",
+             "|---|" + "---|" * (len(TAGS) + 4)]
+    for name, m in metrics.items():
+        ge, seg = _part(m, split, "geneval"), _part(m, split, "segmentation")
+        if not ge and not seg:
+            continue
+        ci = ge.get("ci") or {}
+        cells = [f"{_fmt(ge[t])} {_ci(ci.get(t))}" if t in ge else "–" for t in TAGS]
+        strict = ge.get("strict") or {}
+        cells.append(f"{_fmt(ge['overall'])} {_ci(ci.get('overall'))}" if "overall" in ge else "–")
+        cells.append(f"{_fmt(strict['overall'])} {_ci((strict.get('ci') or {}).get('overall'))}"
+                     if "overall" in strict else "–")
+        cells.append(f"{_fmt(seg['miou'])} {_ci(seg.get('miou_ci'))}" if seg.get("miou") is not None else "–")
+        cells.append(_fmt(seg["vq_ceiling_miou"]) if seg.get("vq_ceiling_miou") is not None else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _correct(cv: Mapping[str, Any], task: str | None, key: str = "pick") -> np.ndarray:
+    per = cv.get("per_item") or {}
+    if key not in per:
+        return np.zeros(0, bool)
+    tasks, answers, picks = per["task"], per["answer"], per[key]
+    sel = [k for k, t in enumerate(tasks) if task is None or t == task]
+    if key == "circular":
+        return np.array([bool(picks[k]) for k in sel], bool)
+    return np.array([picks[k] is not None and int(picks[k]) == int(answers[k]) for k in sel], bool)
+
+
+def paired_tests(a: Mapping[str, Any], b: Mapping[str, Any], split: str = "test") -> dict[str, dict]:
+    """Run a vs run b on the same items: exact McNemar per CV-Bench task, over all items, under
+    CircularEval and on GenEval images; paired bootstrap on per-image segmentation mIoU. Empty when
+    the runs were not scored on identical items (different digests)."""
+    out: dict[str, dict] = {}
+    ca, cb = _part(a, split, "cvbench"), _part(b, split, "cvbench")
+    if ca.get("per_item") and cb.get("per_item") and ca.get("items_digest") == cb.get("items_digest"):
+        for t in CVBENCH_TASKS:
+            xa, xb = _correct(ca, t), _correct(cb, t)
+            if xa.size:
+                out[t] = stats.mcnemar(xa, xb)
+        out["all items"] = stats.mcnemar(_correct(ca, None), _correct(cb, None))
+        if "circular" in ca["per_item"] and "circular" in cb["per_item"]:
+            out["circular"] = stats.mcnemar(_correct(ca, None, "circular"), _correct(cb, None, "circular"))
+    ga, gb = _part(a, split, "geneval").get("per_image"), _part(b, split, "geneval").get("per_image")
+    if ga and gb and ga["tag"] == gb["tag"]:
+        out["GenEval"] = stats.mcnemar(ga["correct"], gb["correct"])
+    sa, sb = _part(a, split, "segmentation").get("per_image_miou"), _part(b, split, "segmentation").get("per_image_miou")
+    if sa and sb and len(sa) == len(sb):
+        keep = [k for k in range(len(sa)) if sa[k] is not None and sb[k] is not None]
+        out["Seg mIoU"] = stats.paired_bootstrap([sa[k] for k in keep], [sb[k] for k in keep])
+    return out
+
+
+def paired_table(metrics: Mapping[str, Mapping[str, Any]], pairs: Sequence[tuple[str, str]],
+                 split: str = "test") -> str:
+    """One row per (a, b, measure): the paired difference, its test and the verdict."""
+    lines = ["| comparison | measure | n | a − b (points) | a right, b wrong / b right, a wrong | p | verdict |",
+             "|---|---|---:|---:|---|---:|---|"]
+    for x, y in pairs:
+        if x not in metrics or y not in metrics:
+            continue
+        tests = paired_tests(metrics[x], metrics[y], split)
+        if not tests:
+            lines.append(f"| {x} vs {y} | – | – | – | – | – | not comparable (different items or no per-item data) |")
+        for key, t in tests.items():
+            label = _TASK_NAMES.get(key, key)
+            if "p" in t:
+                lines.append(f"| {x} vs {y} | {label} | {t['n']} | {100 * t['delta']:+.1f} | "
+                             f"{t['a_only']} / {t['b_only']} | {t['p']:.3g} | {t['verdict']} |")
+            else:
+                lines.append(f"| {x} vs {y} | {label} (mIoU) | {t['n']} | {100 * t['delta']:+.1f} "
+                             f"[{100 * t['lo']:+.1f}, {100 * t['hi']:+.1f}] | paired bootstrap | – | {t['verdict']} |")
+    return "\n".join(lines)
+
+
+def interval_note(metrics: Mapping[str, Mapping[str, Any]], split: str = "test") -> str:
+    """What the sample sizes can resolve: the 95% half-width of a 50% accuracy at the items per task."""
+    first = next(iter(metrics.values()))
+    cv = _part(first, split, "cvbench")
+    n = min((cv.get("n") or {}).values(), default=0)
+    ge = _part(first, split, "geneval")
+    per_tag = min(((ge.get("ci") and ge.get("n")) or {}).values(), default=0) if ge else 0
+    bits = []
+    if n:
+        bits.append(f"{n} items per CV-Bench task give a 95% interval of about ±{100 * stats.half_width(n):.0f} "
+                    f"points at 50% accuracy (two runs differ reliably only by ~{100 * 1.4 * stats.half_width(n):.0f}"
+                    " points or more)")
+    if per_tag:
+        bits.append(f"{per_tag} images per GenEval tag give ±{100 * stats.half_width(per_tag):.0f} points")
+    return ("Sample sizes: " + "; ".join(bits) + ".") if bits else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +402,38 @@ def _best_layer_lines(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return out
 
 
-def report_markdown(runs: Mapping[str, str], out_dir: str, prefix: str = "report") -> tuple[str, list[str]]:
+def evidence_sections(metrics: Mapping[str, Mapping[str, Any]], pairs: Sequence[tuple[str, str]] | None = None,
+                      split: str = "test") -> list[str]:
+    """The sections that make the table readable: sample-size note, CV-Bench controls, generation
+    intervals and the paired verdicts (default pairs: each run against the one before it)."""
+    names = list(metrics)
+    pairs = list(pairs) if pairs is not None else [(names[k + 1], names[k]) for k in range(len(names) - 1)]
+    md = []
+    note = interval_note(metrics, split)
+    if note:
+        md += [note, ""]
+    if any(_part(m, split, "cvbench") for m in metrics.values()):
+        md += [f"### CV-Bench analogue: intervals, chance, blind control, CircularEval ({split} split)", ""]
+        md += visual_summary(metrics, split) + [""]
+        md += [cvbench_detail(metrics, split), "",
+               "Blind = the same items with the image replaced by flat grey. Circular = MMBench CircularEval "
+               "(right only if right under every rotation of the options; a constant letter scores 0). "
+               "Sighted vs blind: exact McNemar test on the same items.", ""]
+    if any(_part(m, split, "geneval") or _part(m, split, "segmentation") for m in metrics.values()):
+        md += [f"### Generation: GenEval per tag and segmentation, with 95% intervals ({split} split)", "",
+               generation_detail(metrics, split), "",
+               "GenEval intervals are Wilson intervals over images (images of one prompt are not independent, so "
+               "with several images per prompt they are slightly narrow); mIoU intervals are bootstrap over images; "
+               "the VQ ceiling is the frozen tokenizer's reconstruction mIoU of the true masks.", ""]
+    if pairs:
+        md += [f"### Paired comparisons on the same items ({split} split)", "", paired_table(metrics, pairs, split), "",
+               "Exact McNemar test on the discordant items (paired bootstrap for mIoU); 'significant at 95%' "
+               "means p < 0.05 (interval excludes 0), otherwise the two runs are not distinguishable here.", ""]
+    return md
+
+
+def report_markdown(runs: Mapping[str, str], out_dir: str, prefix: str = "report",
+                    pairs: Sequence[tuple[str, str]] | None = None, footer: Sequence[str] = ()) -> tuple[str, list[str]]:
     """(markdown, written PNG paths) for runs {row name -> workdir with eval/metrics.json}."""
     metrics = {name: read_metrics(d) for name, d in runs.items()}
     os.makedirs(out_dir, exist_ok=True)
@@ -252,6 +446,7 @@ def report_markdown(runs: Mapping[str, str], out_dir: str, prefix: str = "report
         md += ["## Held-out compositional split (colour x shape pairs unseen in training)", "",
                comparison_table(metrics, "heldout"), ""]
     md += ["All numbers in percent. Settings:"] + _settings_line(metrics) + [""]
+    md += evidence_sections(metrics, pairs, "test")
     if pngs:
         md += ["## Linear probes and attention", ""] + _best_layer_lines(metrics) + [""]
         md += [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})" for p in pngs] + [""]
@@ -271,27 +466,151 @@ def report_markdown(runs: Mapping[str, str], out_dir: str, prefix: str = "report
         md += ["## Samples (test split)", "", "GenEval: one row per tag (single, two, counting, colors, position, "
                "colour attribute). Segmentation: input, truth, generated mask.", "",
                "| | GenEval samples | Segmentation samples |", "|---|---|---|"] + samples + [""]
+    md += list(footer)
     return "\n".join(md), pngs
 
 
-def write_report(runs: Mapping[str, str], out_path: str) -> str:
+def write_report(runs: Mapping[str, str], out_path: str, pairs: Sequence[tuple[str, str]] | None = None,
+                 footer: Sequence[str] = ()) -> str:
     """Write the comparison report for `runs` {row name -> workdir} to `out_path` (PNGs next to it);
     returns the markdown."""
     out_dir = os.path.dirname(os.path.abspath(out_path))
     prefix = os.path.splitext(os.path.basename(out_path))[0]
-    md, _ = report_markdown(runs, out_dir, prefix)
+    md, _ = report_markdown(runs, out_dir, prefix, pairs, footer)
     with open(out_path, "w") as f:
         f.write(md + "\n")
     return md
 
 
-def write_ablation_report(groups: Mapping[str, Sequence[str]], out_path: str) -> str:
-    """Mean ± std over seeds per group {proxy name -> [workdirs]}; returns the markdown."""
+# (part, key, title) of the ablation's summary columns; "cvbench/circular" reads the CircularEval mean
+ABLATION_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("cvbench", "count", "Count"), ("cvbench", "relation", "Relation"), ("cvbench", "depth_order", "Depth"),
+    ("cvbench", "distance", "Distance"), ("cvbench", "mean", "CV-Bench"), ("cvbench", "circular", "CV circular"),
+    ("cvbench", "blind", "CV blind"),
+    ("geneval", "overall", "GenEval"), ("geneval", "strict", "GenEval strict"), ("segmentation", "miou", "Seg mIoU"),
+)
+
+
+def _column_value(m: Mapping[str, Any], split: str, part: str, key: str) -> float:
+    d = _part(m, split, part)
+    if part == "cvbench" and key in ("circular", "blind"):
+        v = (d.get(key) or {}).get("mean")
+    elif part == "geneval" and key == "strict":
+        v = (d.get("strict") or {}).get("overall")
+    else:
+        v = d.get(key)
+    return float("nan") if v is None else float(v)
+
+
+def _seed_cell(values: Sequence[float]) -> str:
+    si = stats.seed_interval(values)
+    if not si["n"]:
+        return "–"
+    if si["n"] == 1:
+        return f"{_fmt(si['mean'])} (1 seed)"
+    return f"{_fmt(si['mean'])} [{100 * si['lo']:.1f}, {100 * si['hi']:.1f}]"
+
+
+def _pooled(a_runs, b_runs, split, getter) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate paired per-item correctness over seeds (seed s of a with seed s of b; a single
+    run on one side, e.g. the base, pairs with every seed of the other)."""
+    n = max(len(a_runs), len(b_runs))
+    xa, xb = [], []
+    for s in range(n):
+        ma, mb = a_runs[min(s, len(a_runs) - 1)], b_runs[min(s, len(b_runs) - 1)]
+        ga, gb = getter(ma, split), getter(mb, split)
+        if ga is None or gb is None or len(ga) != len(gb):
+            return np.zeros(0, bool), np.zeros(0, bool)
+        xa.append(ga)
+        xb.append(gb)
+    return np.concatenate(xa), np.concatenate(xb)
+
+
+def _cv_items(key):
+    def get(m, split):
+        cv = _part(m, split, "cvbench")
+        return _correct(cv, None, key) if cv.get("per_item") and key in cv["per_item"] else None
+    return get
+
+
+def _ge_items(m, split):
+    pi = _part(m, split, "geneval").get("per_image")
+    return np.asarray(pi["correct"], bool) if pi else None
+
+
+def ablation_comparisons(groups: Mapping[str, Sequence[Mapping[str, Any]]], reference: str,
+                         split: str = "test") -> list[dict[str, Any]]:
+    """Each row against `reference` (SFT only): per measure the mean difference over seeds, the exact
+    McNemar test pooled over seeds and items, the paired t-test over seeds, and the verdict, which is
+    "significant at 95%" only when both tests agree (item noise and training-seed noise)."""
+    ref = groups[reference]
+    out = []
+    measures = (("CV-Bench (all items)", _cv_items("pick"), ("cvbench", "overall")),
+                ("CV-Bench circular", _cv_items("circular"), None),
+                ("GenEval", _ge_items, ("geneval", "overall")))
+    for name, runs in groups.items():
+        if name == reference:
+            continue
+        for label, getter, seed_key in measures:
+            xa, xb = _pooled(runs, ref, split, getter)
+            if not xa.size:
+                continue
+            mc = stats.mcnemar(xa, xb)
+            n = max(len(runs), len(ref))
+            per_seed_a = [float(np.mean(getter(runs[min(s, len(runs) - 1)], split))) for s in range(n)]
+            per_seed_b = [float(np.mean(getter(ref[min(s, len(ref) - 1)], split))) for s in range(n)]
+            pt = stats.paired_t(per_seed_a, per_seed_b) if n >= 2 else {"p": float("nan")}
+            both = mc["verdict"] == stats.SIGNIFICANT and (n < 2 or pt.get("verdict") == stats.SIGNIFICANT)
+            out.append({"row": name, "measure": label, "delta": float(np.mean(per_seed_a) - np.mean(per_seed_b)),
+                        "seeds": n, "items": int(xa.size), "mcnemar_p": mc["p"], "a_only": mc["a_only"],
+                        "b_only": mc["b_only"], "seed_t_p": pt.get("p", float("nan")),
+                        "verdict": stats.SIGNIFICANT if both else stats.NOT_DISTINGUISHABLE})
+        sa = [r for r in runs if _part(r, split, "segmentation").get("per_image_miou")]
+        sb = [r for r in ref if _part(r, split, "segmentation").get("per_image_miou")]
+        if sa and sb:
+            a = np.concatenate([_part(sa[min(s, len(sa) - 1)], split, "segmentation")["per_image_miou"]
+                                for s in range(max(len(sa), len(sb)))]).astype(float)
+            b = np.concatenate([_part(sb[min(s, len(sb) - 1)], split, "segmentation")["per_image_miou"]
+                                for s in range(max(len(sa), len(sb)))]).astype(float)
+            keep = np.isfinite(a) & np.isfinite(b)
+            pb = stats.paired_bootstrap(a[keep], b[keep])
+            out.append({"row": name, "measure": "Seg mIoU (per image)", "delta": pb["delta"], "seeds": max(len(sa), len(sb)),
+                        "items": pb["n"], "ci": [pb["lo"], pb["hi"]], "verdict": pb["verdict"]})
+    return out
+
+
+def ablation_markdown(groups: Mapping[str, Sequence[Mapping[str, Any]]], reference: str | None = None,
+                      split: str = "test") -> str:
+    """The proxy ablation: rows {title: [metrics per seed]} with mean and 95% t-interval across seeds,
+    then every row against `reference` with the paired tests and a verdict."""
+    head = "| row | seeds | " + " | ".join(c[2] for c in ABLATION_COLUMNS) + " |"
+    lines = [head, "|---|---:|" + "---|" * len(ABLATION_COLUMNS)]
+    for name, runs in groups.items():
+        cells = [_seed_cell([_column_value(m, split, p, k) for m in runs]) for p, k, _ in ABLATION_COLUMNS]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    md = ["Mean over seeds with its 95% Student-t interval across seeds (percent).", "", "\n".join(lines), ""]
+    if reference and reference in groups:
+        rows = ablation_comparisons(groups, reference, split)
+        t = ["| row | measure | Δ vs " + reference + " (points) | seeds | items (pooled) | McNemar p | seed t-test p | "
+             "verdict |", "|---|---|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            if "ci" in r:
+                t.append(f"| {r['row']} | {r['measure']} | {100 * r['delta']:+.1f} [{100 * r['ci'][0]:+.1f}, "
+                         f"{100 * r['ci'][1]:+.1f}] | {r['seeds']} | {r['items']} | paired bootstrap | – | {r['verdict']} |")
+            else:
+                tp = r["seed_t_p"]
+                t.append(f"| {r['row']} | {r['measure']} | {100 * r['delta']:+.1f} | {r['seeds']} | {r['items']} | "
+                         f"{r['mcnemar_p']:.3g} | {'–' if not math.isfinite(tp) else f'{tp:.3g}'} | {r['verdict']} |")
+        md += [f"Paired against {reference} on the same items: exact McNemar over items pooled across seeds "
+               "(seed s against seed s) and the paired t-test over seeds; the verdict is 'significant at 95%' only "
+               "when both are (with one seed, McNemar alone).", "", "\n".join(t), ""]
+    return "\n".join(md)
+
+
+def write_ablation_report(groups: Mapping[str, Sequence[str]], out_path: str, reference: str | None = None) -> str:
+    """`ablation_markdown` over {row: [workdirs or metrics.json paths]} written to `out_path`."""
     metrics = {name: [read_metrics(d) for d in dirs] for name, dirs in groups.items()}
-    md = ["## Proxy ablation on Shapes World (test split, mean ± std over seeds)", "", ablation_table(metrics, "test"), ""]
-    if any("heldout" in (m.get("splits") or {}) for runs in metrics.values() for m in runs):
-        md += ["## Held-out compositional split", "", ablation_table(metrics, "heldout"), ""]
-    md = "\n".join(md)
+    md = "## Proxy ablation on Shapes World (test split)\n\n" + ablation_markdown(metrics, reference, "test")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
         f.write(md + "\n")

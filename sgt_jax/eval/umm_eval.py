@@ -52,7 +52,8 @@ def evaluate(run: UMMRun, *, progress: Callable[[str], None] | None = None) -> d
         res: dict[str, Any] = {}
         if "cvbench" in s.parts:
             res["cvbench"] = timed(f"cvbench/{split}", cvbench.evaluate, run, world, split, per_task=s.mcq_items,
-                                   method=s.mcq_method, seed=s.seed, batch_size=s.batch_size)
+                                   method=s.mcq_method, seed=s.seed, batch_size=s.batch_size,
+                                   circular=bool(s.mcq_circular), blind_control=bool(s.mcq_blind))
         if "geneval" in s.parts:
             res["geneval"] = timed(f"geneval/{split}", geneval_eval.evaluate_geneval, run, world, split,
                                    prompts_per_tag=s.geneval_prompts_per_tag,
