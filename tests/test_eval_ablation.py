@@ -63,7 +63,7 @@ def test_driver_plan_flags_and_errors(capsys):
     assert e.value.code == 2 and "mcq_itemz" in capsys.readouterr().err
     plan = tool.make_plan("/w", "quick", rows=("none",), seeds=1, ratios=(), equal_vqa=False, mixing="rows",
                           eval_overrides=("mcq_items=300",))
-    assert plan.stages[-1].argv[-1] == "--override=mcq_items=300"
+    assert plan.stages[-1].argv[-1] == "--config.eval.umm.mcq_items=300"
 
 
 def test_driver_end_to_end_with_simulated_runs(tmp_path, monkeypatch):

@@ -201,7 +201,7 @@ def write_results(out: str, plan: Plan, command: list[str], timings: dict[str, f
                   seeds: int) -> str:
     """OUT/report.md, runs/*.json, summary.json, plots, manifest.json from the evaluated runs."""
     from sgt_jax.eval import report, stats
-    from sgt_jax.eval.umm_eval import METRICS_FILE, read_metrics
+    from sgt_jax.eval.umm_results import METRICS_FILE, read_metrics
 
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     saved: dict[str, str] = {}
