@@ -10,15 +10,15 @@ One point can be trained by hand:
 
     python tools/train.py --config=configs/ablation_shapes.py:proxy=depth,seed=1 --workdir=runs/ablation/depth_s1
 
-Options of get_config (comma-separated): `proxy=NAME` (segmentation | semantic | depth | edge |
-reconstruction | mae | none), `seed=S` (train rng and data order), `mixing=rows|batches` (how the
-2 : 1 mixture is applied, `data.mixing`; default rows, the ablation driver passes batches, as in the
-paper's code), plus anything configs/post_shapes.py accepts (`base=PATH`, `steps=N`, `ratio=R`,
-`vqarg=A`, `smoke`).
+Options of get_config (OPTIONS: configs/post_shapes.py's plus `seed` and `mixing`): `proxy=NAME`
+(segmentation | semantic | depth | edge | reconstruction | mae | none), `seed=S` (train rng and data
+order), `mixing=rows|batches` (`data.mixing`: how the 2 : 1 mixture is applied; default rows, the
+ablation driver passes batches, as in the paper's code), `base=PATH`, `steps=N`, `ratio=R`, `smoke`,
+`vqarg=A`.
 """
 from __future__ import annotations
 
-from sgt_jax.config import PROXIES, config_module, parse_arg
+from sgt_jax.config import PROXIES, ConfigError, config_module, format_arg, parse_arg
 
 ABLATION_PROXIES: tuple[str, ...] = PROXIES + ("none",)
 NUM_SEEDS = 3
@@ -31,16 +31,14 @@ def _post_shapes():
 
 def get_config(arg=None):
     """One sweep point: post_shapes(proxy) with `seed` setting the train rng and the data order."""
-    a = parse_arg(arg)
-    seed = int(a.get("seed", 0))
-    mixing = str(a.get("mixing", "rows"))
-    if mixing not in MIXING:
-        raise ValueError(f"ablation_shapes option 'mixing' = {mixing!r} is not allowed; allowed: {list(MIXING)}")
-    passthrough = ",".join(f"{k}={v}" if v is not True else k for k, v in a.items() if k not in ("seed", "mixing"))
-    c = _post_shapes().get_config(passthrough)
-    c.seed = seed
-    c.data.shuffle_seed = seed
-    c.data.mixing = mixing
+    post = _post_shapes()
+    a = parse_arg(arg, seed=0, mixing="rows", **post.OPTIONS)
+    if a.mixing not in MIXING:
+        raise ConfigError(f"ablation_shapes option 'mixing' = {a.mixing!r} is not allowed; allowed: {list(MIXING)}")
+    c = post.get_config(format_arg({k: v for k, v in a.items() if k not in ("seed", "mixing")}, post.OPTIONS))
+    c.seed = a.seed
+    c.data.shuffle_seed = a.seed
+    c.data.mixing = a.mixing
     return c
 
 

@@ -6,23 +6,22 @@ Loads the frozen VQ from the VQ stage (`init_from.path`, default runs/vq, mapped
 `model.vq` section and image size are copied from configs/vq_shapes.py (with `vqarg`, e.g.
 `vqarg=f8`), so they must name the VQ run's own config. Sized for the `make demo` budget on a 2-core
 CPU: a 4 x 256 decoder (GQA 4/2 heads), a 2-block ViT (patch 8 at 64 px -> 64 tokens) and as many
-code positions as the VQ gives (f = 4: 256, f = 8: 64). The row length follows from those spans,
-and the step count from a fixed budget of sequence positions (`BASE_POSITIONS`), so a longer code
-span trains fewer steps at the same cost (~6-8 min here).
+code positions as the VQ gives (f = 4: 256, f = 8: 64).
 
-Options (comma-separated): `smoke` (tiny, for tests), `vq=PATH` (VQ workdir), `vqarg=A` (arg of
-configs/vq_shapes.py), `steps=N`.
+Derived after overrides (`sgt_jax.config.finalize`): the row length from the ViT and code spans plus
+the text rooms (`data.answer_room`, `data.prompt_room`), and the step count from the example budget
+`train.num_examples`, which this file sets from a fixed budget of sequence positions
+(`BASE_POSITIONS`) at the reference batch of 32: a longer code span trains fewer examples at the same
+cost (~6-8 min here), and `--config.train.batch_size=64` trains the same examples in half the steps.
+
+Options (OPTIONS): `smoke` (tiny, for tests), `vq=PATH` (VQ workdir), `vqarg=A` (arg of
+configs/vq_shapes.py), `steps=N` (N steps at this file's batch size: `train.num_examples` = N x batch).
 """
-
-from sgt_jax.config import config_module, default_config, parse_arg
+from sgt_jax.config import config_module, default_config, parse_arg, row_lengths
 
 BASE_POSITIONS = 300 * 32 * 144  # sequence positions trained by the base stage (batch x steps x length)
-# Text room per row, measured with the Shapes World BPE (512 ids): MCQ prompts <= 41 tokens + a
-# letter; captions median 51, max ~90 (the longest ~15% lose their tail); t2i prompts <= 34;
-# proxy instructions <= 46.
-ANSWER_ROOM = 72  # question + answer tokens after the ViT span
-PROMPT_ROOM = 36  # t2i prompt tokens
-INSTRUCTION_ROOM = 48  # proxy instruction tokens
+REFERENCE_BATCH = 32
+OPTIONS = dict(smoke=False, vq="runs/vq", vqarg="", steps=0)
 
 
 def load_sibling(name: str, arg=None):
@@ -34,12 +33,10 @@ def round_up(n: int, m: int = 16) -> int:
     return -(-n // m) * m
 
 
-def row_lengths(c) -> dict[str, int]:
-    """Positions each task's row needs (structural tokens + spans + text room)."""
-    v = (c.model.umm.vit.image_size // c.model.umm.vit.patch_size) ** 2
-    n = c.model.umm.num_codes
-    return {"understanding": 3 + v + ANSWER_ROOM, "t2i": 3 + n + PROMPT_ROOM,
-            "proxy": 5 + v + n + INSTRUCTION_ROOM}
+def position_budget(positions: int, row_length: int) -> int:
+    """Examples that train `positions` sequence positions on rows of `row_length` (whole reference
+    batches, at least 50 of them)."""
+    return REFERENCE_BATCH * max(50, positions // (REFERENCE_BATCH * round_up(row_length)))
 
 
 def umm_model(c, smoke: bool, vqarg: str = "") -> None:
@@ -49,6 +46,10 @@ def umm_model(c, smoke: bool, vqarg: str = "") -> None:
     c.data.image_size = vq.data.image_size  # the VQ (and its dataset) fix the image size
     c.data.train_size, c.data.validation_size = vq.data.train_size, vq.data.validation_size
     c.data.test_size, c.data.heldout_size = vq.data.test_size, vq.data.heldout_size  # one dataset build
+    # Text room per row, measured with the Shapes World BPE (512 ids): MCQ prompts <= 41 tokens + a
+    # letter; captions median 51, max ~90 (the longest ~15% lose their tail); t2i prompts <= 34;
+    # proxy instructions <= 46.
+    c.data.answer_room, c.data.prompt_room, c.data.instruction_room = 72, 36, 48
     u = c.model.umm
     u.llm.vocab_size = c.data.tokenizer_vocab_size  # the Shapes World byte-level BPE built for this data
     if smoke:
@@ -63,24 +64,18 @@ def umm_model(c, smoke: bool, vqarg: str = "") -> None:
         u.vit.image_size, u.vit.patch_size, u.vit.width, u.vit.depth, u.vit.num_heads, u.vit.mlp_dim = (
             c.data.image_size, 8, 128, 2, 4, 512)
         u.gen_embed_dim, u.gen_adapter_dim, u.gen_head_dim, u.und_adapter_dim = 64, 256, 256, 256
-    u.codebook_size = c.model.vq.codebook_size
-    grid = c.data.image_size // c.model.vq.downsample
-    u.num_codes = grid * grid
 
 
 def get_config(arg=None):
-    a = parse_arg(arg)
-    smoke = bool(a.get("smoke", False))
+    a = parse_arg(arg, **OPTIONS)
     c = default_config()
     c.stage = "umm"
-    umm_model(c, smoke, str(a.get("vqarg", "")))
-    c.init_from.path = str(a.get("vq", "runs/vq"))
+    umm_model(c, a.smoke, a.vqarg)
+    c.init_from.path = a.vq
     c.init_from.mapping = "->vq"  # the whole VQ-stage tree becomes params/vq (frozen)
 
     c.data.mixture = {"understanding": 1.0, "t2i": 1.0}
     c.data.cond_dropout = 0.1
-    lengths = row_lengths(c)
-    c.data.max_seq_len = round_up(max(lengths["understanding"], lengths["t2i"]))
     c.model.umm_stage.freeze_vit = False
 
     c.optim.lr = 1e-3
@@ -92,22 +87,24 @@ def get_config(arg=None):
     c.optim.clip_norm = 1.0
 
     c.train.batch_size = 32
-    c.train.steps = max(50, BASE_POSITIONS // (c.train.batch_size * c.data.max_seq_len))
+    rows = row_lengths(c)
+    c.train.steps = -1  # derived from the example budget by finalize
+    c.train.num_examples = position_budget(BASE_POSITIONS, max(rows["understanding"], rows["t2i"]))
     c.train.log_every = 25
     c.checkpoint.every_steps = 200
     c.checkpoint.keep = 1
     c.eval.every_steps = 0
     c.eval.num_examples = 128
     c.eval.split = "validation"
-    if smoke:
+    if a.smoke:
         c.train.batch_size = 8
-        c.train.steps = 6
+        c.train.num_examples = 6 * 8
         c.train.log_every = 2
         c.optim.lr = 3e-3
         c.optim.warmup_steps = 1
         c.checkpoint.every_steps = 100
         c.eval.num_examples = 16
         c.train.tensorboard = False
-    if "steps" in a:
-        c.train.steps = int(a["steps"])
+    if a.steps:
+        c.train.num_examples = a.steps * c.train.batch_size
     return c

@@ -13,15 +13,16 @@ Recipe (SGT paper, Janus-style optimiser): proxy : understanding = 2 : 1 by batc
 1.5 x text CE + 1.0 x code CE, AdamW (0.9, 0.95), wd 0, clip 1.0, constant lr after warmup,
 everything trains except the VQ; instruction dropped 10%, image never.
 
-Options: `proxy=NAME|none` (default segmentation), `init=PATH` (UMM checkpoint holding the
+Options (OPTIONS): `proxy=NAME|none` (default segmentation), `init=PATH` (UMM checkpoint holding the
 converted LLM/ViT and the VQ under params/vq, e.g. `tools/convert_checkpoint.py --janus=DIR --out=PATH`;
 "" = from scratch), `tokenizer=DIR` (local HF tokenizer, e.g. PATH/tokenizer of the conversion),
-`tensor=T` (tensor-parallel width, default 1), `smoke` (same family, tiny, CPU tests).
+`tensor=T` (tensor-parallel width, 0 = the shape's default), `accum=A` (micro-batches per step, 0 =
+the shape's default), `smoke` (same family, tiny, CPU tests).
 Data: `data=shapes` (default) the built-in Shapes World rendered at 384 px; `data=real` reads
 SAM-SGT (`seg=sam_sgt`, `sam=DIR`) or COCO panoptic (`seg=coco_panoptic`, `coco=DIR`) for the proxy
 and LLaVA-OneVision (`llava=DIR`) for VQA, 2 : 1 by batch; needs `tokenizer=DIR`.
 """
-from sgt_jax.config import PROXIES, default_config, parse_arg
+from sgt_jax.config import PROXIES, ConfigError, default_config, parse_arg
 
 SHAPE = {  # Janus-Pro-1B
     "llm": dict(vocab_size=102400, width=2048, depth=24, num_heads=16, num_kv_heads=16, head_dim=128, mlp_dim=5632),
@@ -33,18 +34,21 @@ SHAPE = {  # Janus-Pro-1B
 }
 
 
+OPTIONS = dict(proxy="segmentation", init="", tokenizer="", tensor=0, accum=0, smoke=False, data="shapes",
+               seg="sam_sgt", sam="", coco="", llava="")
+
+
 def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
     """Shared by umm_1b / umm_7b: everything but the decoder shape and the mesh."""
-    a = parse_arg(arg)
-    smoke = bool(a.get("smoke", False))
-    proxy = str(a.get("proxy", "segmentation"))
+    a = parse_arg(arg, **OPTIONS)
+    smoke, proxy = a.smoke, a.proxy
     if proxy not in ("none",) + PROXIES:
-        raise ValueError(f"option 'proxy' = {proxy!r} is not allowed; allowed: {['none', *PROXIES]}")
+        raise ConfigError(f"option 'proxy' = {proxy!r} is not allowed; allowed: {['none', *PROXIES]}")
     c = default_config()
     c.stage = "umm"
-    c.init_from.path = str(a.get("init", ""))
+    c.init_from.path = a.init
     c.init_from.mapping = ""
-    c.data.tokenizer_dir = str(a.get("tokenizer", ""))
+    c.data.tokenizer_dir = a.tokenizer
     c.data.mixture = {"understanding": 1.0} if proxy == "none" else {f"proxy_{proxy}": 2.0, "understanding": 1.0}
     c.data.cond_dropout = 0.1
     c.data.text_loss_weight, c.data.gen_loss_weight = 1.5, 1.0
@@ -65,8 +69,9 @@ def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
     c.data.image_size = 384
     width = u.llm.width
     u.gen_embed_dim, u.gen_adapter_dim, u.gen_head_dim, u.und_adapter_dim = 8, width, width, width
-    # <bos><img>[576]</img> instruction <boi>[576]<eoi> = 1157 + instruction; VQA answers get the rest.
-    c.data.max_seq_len = 2048
+    # <bos><img>[576]</img> instruction <boi>[576]<eoi> = 1157 + instruction: rows of 2048 positions
+    # (derived by finalize) leave 891 instruction tokens; VQA questions + answers get the rest.
+    c.data.instruction_room, c.data.answer_room, c.data.prompt_room = 891, 1469, 891
 
     c.optim.lr = 4e-5
     c.optim.schedule = "constant"
@@ -79,18 +84,17 @@ def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
     # Microbatches per step (`accum=N`). TPU compiler numbers per chip (tools/dry_run.py --topology,
     # README table): umm_1b on v5p-64, 4 rows per shard in one pass: 6.22 GiB with full remat,
     # 81.6 GiB (14% headroom) without; without remat in 2 microbatches 42.8 GiB.
-    c.optim.grad_accum_steps = int(a.get("accum", shape.get("grad_accum_steps", 1)))
+    c.optim.grad_accum_steps = a.accum or shape.get("grad_accum_steps", 1)
     c.train.steps = 10000
     c.train.log_every = 20
     c.checkpoint.every_steps = 500
     c.checkpoint.keep = 3
     c.eval.every_steps = 2000
-    c.mesh.shape = (1, -1, int(a.get("tensor", shape["tensor"])))
+    c.mesh.shape = (1, -1, a.tensor or shape["tensor"])
 
     if smoke:  # same family, tiny: Shapes World at 32 px, a few steps on CPU. These shapes are the
         # tiny random Janus of tests/janus_fixture.py, so a converted one loads with init=.
         c.data.image_size = 32
-        c.data.tokenizer_dir = str(a.get("tokenizer", ""))
         c.data.num_workers = 0
         c.data.train_size, c.data.validation_size, c.data.test_size, c.data.heldout_size = 64, 16, 16, 16
         v.codebook_size, v.downsample, v.width, v.channel_mult = 64, 8, 32, (1, 1, 2, 2)
@@ -99,7 +103,7 @@ def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
         u.llm.head_dim, u.llm.mlp_dim = 16, 96
         vit.image_size, vit.patch_size, vit.width, vit.depth, vit.num_heads, vit.mlp_dim = 32, 8, 32, 2, 2, 64
         u.gen_adapter_dim = u.gen_head_dim = u.und_adapter_dim = 64
-        c.data.max_seq_len = 64
+        c.data.answer_room, c.data.instruction_room, c.data.prompt_room = 40, 24, 24  # 64-position rows
         c.train.compute_dtype = "float32"
         c.train.batch_size, c.train.steps, c.train.log_every = 8, 4, 2
         c.optim.warmup_steps, c.optim.lr = 1, 1e-3
@@ -109,9 +113,6 @@ def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
         c.optim.grad_accum_steps = 1
         c.train.tensorboard = False
     _real_data(c, a, proxy)
-    u.codebook_size = v.codebook_size
-    grid = c.data.image_size // v.downsample
-    u.num_codes = grid * grid
     return c
 
 
@@ -119,20 +120,19 @@ def _real_data(c, a, proxy: str) -> None:
     """`data=real`: SAM-SGT (`seg=sam_sgt`, default) or COCO panoptic (`seg=coco_panoptic`) feed the
     proxy task, LLaVA-OneVision the VQA task, 2 : 1 by batch (the mixture weights above). Local
     copies: `sam=DIR` / `coco=DIR` / `llava=DIR` (built on first use; see tools/build_dataset.py)."""
-    mode = str(a.get("data", "shapes"))
+    mode = a.data
     if mode not in ("shapes", "real"):
-        raise ValueError(f"option 'data' = {mode!r} is not allowed; allowed: ['shapes', 'real']")
+        raise ConfigError(f"option 'data' = {mode!r} is not allowed; allowed: ['shapes', 'real']")
     if mode == "shapes":
         return
-    seg = str(a.get("seg", "sam_sgt"))
+    seg = a.seg
     if seg not in ("sam_sgt", "coco_panoptic"):
-        raise ValueError(f"option 'seg' = {seg!r} is not allowed; allowed: ['sam_sgt', 'coco_panoptic']")
+        raise ConfigError(f"option 'seg' = {seg!r} is not allowed; allowed: ['sam_sgt', 'coco_panoptic']")
     sources = {"understanding": "llava_onevision"}
     if proxy != "none":
         sources[f"proxy_{proxy}"] = seg
     c.data.sources = sources
-    dirs = {"sam_sgt": str(a.get("sam", "")), "coco_panoptic": str(a.get("coco", "")),
-            "llava_onevision": str(a.get("llava", ""))}
+    dirs = {"sam_sgt": a.sam, "coco_panoptic": a.coco, "llava_onevision": a.llava}
     c.data.manual_dirs = {k: v for k, v in dirs.items() if v}
     c.eval.num_examples = 0  # held-out loss needs a validation split; SAM-SGT / LLaVA ship train only
 

@@ -13,19 +13,22 @@ reached mIoU 0.95 in the sweeps). f = 8 (64 codes, the shorter UMM sequence) top
 0.82 even at 12k steps: small objects need finer codes. Palette masks are over-sampled (3x) and
 weighted 2x in the loss because their edges decide mIoU.
 
-Options (comma-separated): `smoke` (tiny, a few steps, for tests), `f8` (64 codes per image:
-UMM-friendly, below the mask bar), `family=conv`, `steps=N`.
+Options (OPTIONS; comma-separated): `smoke` (tiny, a few steps, for tests), `f8` (64 codes per
+image: UMM-friendly, below the mask bar), `family=conv`, `steps=N` (0 = the default count).
+The VQ stage sets `train.steps` directly (no example budget).
 """
 from sgt_jax.config import default_config, parse_arg
 
+OPTIONS = dict(smoke=False, f8=False, family="vit", steps=0)
+
 
 def get_config(arg=None):
-    a = parse_arg(arg)
+    a = parse_arg(arg, **OPTIONS)
     c = default_config()
     c.stage = "vq"
     v = c.model.vq
-    v.family = str(a.get("family", "vit"))
-    v.downsample = 8 if a.get("f8", False) else 4
+    v.family = a.family
+    v.downsample = 8 if a.f8 else 4
     v.codebook_size = 2048
     v.code_dim = 16
     v.width = 64
@@ -51,7 +54,7 @@ def get_config(arg=None):
     c.optim.weight_decay = 0.0
     c.optim.clip_norm = 1.0
 
-    c.train.steps = int(a.get("steps", 1200))
+    c.train.steps = a.steps or 1200
     c.train.batch_size = 16
     c.train.log_every = 100
     c.train.max_wall_minutes = 15.0  # the tokenizer's CPU budget; a stop here still checkpoints
@@ -61,7 +64,7 @@ def get_config(arg=None):
     c.eval.num_examples = 256
     c.eval.split = "test"
 
-    if a.get("smoke", False):
+    if a.smoke:
         v.codebook_size, v.code_dim, v.width, v.depth, v.decoder_depth, v.num_heads = 64, 8, 32, 1, 1, 2
         v.downsample = 8
         v.channel_mult = (1, 1, 2, 2)
@@ -69,7 +72,7 @@ def get_config(arg=None):
         c.data.train_size, c.data.validation_size, c.data.test_size, c.data.heldout_size = 64, 16, 16, 16
         c.optim.warmup_steps = 1
         c.optim.lr = 3e-3
-        c.train.steps = int(a.get("steps", 4))
+        c.train.steps = a.steps or 4
         c.train.batch_size = 8
         c.train.log_every = 1
         c.train.max_wall_minutes = 0.0

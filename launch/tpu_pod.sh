@@ -4,7 +4,7 @@
 #
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a PROJECT=my-proj \
 #   launch/tpu_pod.sh setup                       # copy this repo to every worker and install
-#   launch/tpu_pod.sh train configs/umm_sgt.py gs://bucket/runs/sgt [--config.optim.lr=3e-5 ...]
+#   launch/tpu_pod.sh train configs/umm_1b.py:proxy=segmentation gs://bucket/runs/sgt [--config.optim.lr=3e-5 ...]
 #   launch/tpu_pod.sh stop                        # kill training on every worker (SIGTERM => checkpoint)
 #
 # Workdirs should be on GCS (gs://...) so every worker sees the same checkpoints. Re-running `train`

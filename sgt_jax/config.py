@@ -1,17 +1,31 @@
-"""The config schema: every field an experiment may set, and the checks run before anything compiles.
+"""The config schema: every field an experiment may set, its field rules, and the derived fields.
 
-Each experiment file in `configs/` starts from `default_config()` and overrides fields. Because the
-defaults define the full schema, `validate()` can reject unknown fields and wrong types by name (as
-MaxText does with base.yml), and then run semantic checks (mesh vs devices, batch divisibility,
-task names, mixture weights) that need more than one field.
+A leaf module (it imports nothing else of sgt_jax), so any layer may read it. The flow of every
+entry point is
+
+    cfg = get_config(arg)            # configs/*.py: default_config() + the experiment's fields
+    ... command-line overrides ...   # --config.optim.lr=3e-4 (ml_collections config_flags)
+    finalize(cfg)                    # derives DERIVED_FIELDS once, from the fields they depend on
+    sgt_jax.checks.validate(cfg)     # schema, field rules, every section's cross-field checks
+
+`finalize` derives the row length, the UMM's code count and codebook size, and (when a config
+budgets in examples) the step count, so an override of a field they depend on is never stale. A
+derived field cannot be set by hand: a value other than its derivation is a ConfigError naming it.
+The defaults define the full schema, so unknown fields, wrong types and non-finite numbers are
+rejected by name (as MaxText does with base.yml). Rules that need other sections' code live next
+to that code and are listed, explicitly, in `sgt_jax/checks.py`.
 """
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
+import json
+import math
 import os
+import re
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -19,6 +33,13 @@ STAGES = ("vq", "umm")
 PROXIES = ("segmentation", "semantic", "depth", "edge", "reconstruction", "mae")
 TASKS = ("understanding", "t2i") + tuple(f"proxy_{p}" for p in PROXIES)
 MESH_AXES = ("data", "fsdp", "tensor")
+SPLITS = ("train", "validation", "test", "heldout")  # Shapes World splits (sgt_jax/data/shapes_world.py)
+EVAL_PARTS = ("cvbench", "geneval", "segmentation", "probes", "attention")  # eval.umm.parts
+# Structural tokens of each task row besides its image spans and text (laid out by
+# sgt_jax/data/sequences.py): understanding <bos><img></img>, t2i <bos><boi><eoi>,
+# proxy <bos><img></img><boi><eoi>.
+ROW_TOKENS = {"understanding": 3, "t2i": 3, "proxy": 5}
+SEQ_LEN_MULTIPLE = 16  # data.max_seq_len is rounded up to this
 
 
 class ConfigError(ValueError):
@@ -60,7 +81,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.shuffle_seed = 0
     c.data.num_workers = 0  # grain worker processes (0 = in-process)
     c.data.cond_dropout = 0.1  # drop the text condition of t2i / proxy samples (CFG)
-    c.data.max_seq_len = 128
+    # Text room per row (tokens after the structural tokens and image spans, see ROW_TOKENS): the row
+    # length `data.max_seq_len` is derived from these by `finalize` for the tasks of the mixture.
+    c.data.answer_room = 72  # understanding: question + answer tokens
+    c.data.prompt_room = 36  # text-to-image: prompt tokens
+    c.data.instruction_room = 48  # SGT proxy: instruction tokens
+    c.data.max_seq_len = 0  # DERIVED by finalize: round_up(longest mixed task row, 16)
     c.data.tokenizer_dir = ""  # "" = the Shapes World tokenizer built next to the data
     c.data.tokenizer_vocab_size = 512  # Shapes World BPE size (256 bytes + 8 specials + merges); <= llm vocab
     c.data.tokenizer_corpus_scenes = 1000  # train scenes whose texts train the Shapes World BPE
@@ -84,7 +110,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.vq.beta = 0.25  # commitment weight
     c.model.vq.recon_loss = "l2"  # "l1" | "l2"
     c.model.vq.gan_weight = 0.0
-    c.model.vq.gan_start_step = 0
     c.model.vq.dead_code_reinit_every = 100  # steps; 0 disables
     c.model.vq.dead_code_threshold = 0.1  # dead = EMA usage frequency < threshold / codebook_size
     c.model.vq.usage_decay = 0.99  # EMA decay of per-code usage frequencies
@@ -96,7 +121,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.vq.target_mix = "reconstruction:1,segmentation:1,semantic:1,depth:1,edge:1"
     c.model.vq.mask_loss_weight = 1.0  # recon-loss weight of palette masks (segmentation, semantic)
     # Unified model (sgt_jax/models/umm.py). Compute dtype and remat come from train.compute_dtype
-    # and train.remat; cross-field rules live in umm.check_config (registered with register_check).
+    # and train.remat; its rules are `umm.check_config` (listed in sgt_jax/checks.py).
     c.model.umm = ml_collections.ConfigDict()
     c.model.umm.llm = ml_collections.ConfigDict()
     c.model.umm.llm.vocab_size = 512  # must cover the tokenizer
@@ -126,8 +151,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Janus-Pro import (issue 8): SigLIP-L as timm builds it uses exact GELU; HF SigLIP uses tanh.
     c.model.umm.vit.gelu_approximate = True
     c.model.umm.mot = False  # BAGEL-style Mixture-of-Transformers weights for generation tokens
-    c.model.umm.codebook_size = 1024  # must equal model.vq.codebook_size
-    c.model.umm.num_codes = 64  # code positions per generated image: (data.image_size / vq.downsample)^2
+    c.model.umm.codebook_size = 0  # DERIVED by finalize: model.vq.codebook_size
+    c.model.umm.num_codes = 0  # DERIVED by finalize: code positions per image, (data.image_size / vq.downsample)^2
     c.model.umm.gen_embed_dim = 64  # code-id embedding table width (Janus: 8)
     c.model.umm.gen_adapter_dim = 256  # code embedding -> LLM adapter hidden width
     c.model.umm.gen_head_dim = 256  # generation head hidden width (MLP -> codebook logits)
@@ -154,7 +179,10 @@ def default_config() -> ml_collections.ConfigDict:
 
     # ---- training loop ----
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 1000
+    c.train.steps = 1000  # DERIVED by finalize when train.num_examples > 0 (then leave it at -1)
+    # Training budget in examples (rows): > 0 derives train.steps = ceil(num_examples / batch_size), so
+    # changing the batch size keeps the data budget; 0 = train.steps is set directly.
+    c.train.num_examples = 0
     c.train.batch_size = 32  # global
     c.train.compute_dtype = "float32"  # "float32" | "bfloat16"; params stay float32
     c.train.remat = False
@@ -217,7 +245,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.every_steps = 0  # 0 = only at the end
     c.eval.num_examples = 256
     c.eval.split = "test"
-    # UMM evaluation suite (sgt_jax/eval/umm_eval.py, `tools/evaluate.py --workdir=<umm run>`).
+    # UMM evaluation suite (sgt_jax/eval/umm_eval.py; `tools/evaluate.py --workdir=<umm run>
+    # --config.eval.umm.mcq_items=16`). parts from EVAL_PARTS, splits from SPLITS.
     # Budgets are small by default so three runs evaluate in minutes on a 2-core CPU.
     c.eval.umm = ml_collections.ConfigDict()
     c.eval.umm.parts = ("cvbench", "geneval", "segmentation", "probes", "attention")
@@ -248,24 +277,70 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def parse_arg(arg: str | None) -> ml_collections.ConfigDict:
-    """Parse big_vision style `key=value,flag` strings: "smoke,proxy=segmentation" -> {smoke: True, proxy: ...}."""
-    out = ml_collections.ConfigDict()
-    if not arg:
-        return out
-    for part in arg.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "=" in part:
-            key, value = part.split("=", 1)
-            try:
-                out[key.strip()] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                out[key.strip()] = value
-        else:
-            out[part] = True
+# ---------------------------------------------------------------------------------------------
+# config files and their options
+# ---------------------------------------------------------------------------------------------
+def _closest(name: str, allowed: Sequence[str]) -> str:
+    match = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _option_value(key: str, default: Any, text: str, arg: str) -> Any:
+    where = f"config option '{key}' = {text!r} (in {arg!r})"
+    if isinstance(default, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{where} is not allowed; allowed: a bool (true/false), or the bare name for true")
+    try:
+        value = type(default)(text)
+    except ValueError:
+        raise ConfigError(f"{where} is not allowed; allowed: a {type(default).__name__} like {default!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} is not allowed; allowed: a finite number")
+    return value
+
+
+def comma_items(text: str | None, sep: str = "=") -> list[tuple[str, bool, str]]:
+    """"a=1, b ,c=x" -> [("a", True, "1"), ("b", False, ""), ("c", True, "x")]: the comma lists
+    config options and `model.vq.target_mix` ("kind:weight") are written in."""
+    out = []
+    for part in (text or "").split(","):
+        if part.strip():
+            key, eq, value = part.strip().partition(sep)
+            out.append((key.strip(), bool(eq), value.strip()))
     return out
+
+
+def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
+    """Typed config-file options (big_vision's `parse_arg` idea): `parse_arg("smoke,steps=20",
+    smoke=False, steps=0)` -> {smoke: True, steps: 20}. Every option has a default whose type
+    converts the text; a bare name sets a bool option to True. An option not in `spec` is a
+    ConfigError naming the closest valid one (`smok` -> `smoke`)."""
+    out = ml_collections.ConfigDict(dict(spec))
+    for key, eq, text in comma_items(arg):
+        if key not in spec:
+            raise ConfigError(f"unknown config option {key!r} (in {arg!r}){_closest(key, sorted(spec))} "
+                              f"allowed: {sorted(spec) or 'none'}")
+        if not eq:
+            if not isinstance(spec[key], bool):
+                raise ConfigError(f"config option {key!r} (in {arg!r}) needs a value: {key}=<{type(spec[key]).__name__}>")
+            out[key] = True
+        else:
+            out[key] = _option_value(key, spec[key], text, arg)
+    return out
+
+
+def format_arg(options: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
+    """The inverse of `parse_arg` for the options that differ from `spec` (how a config file passes
+    its options on to the file it builds on)."""
+    parts = []
+    for key, value in options.items():
+        if key in spec and value == spec[key]:
+            continue
+        parts.append(key if value is True else f"{key}={value}")
+    return ",".join(parts)
 
 
 def config_module(path: str, relative_to: str | None = None) -> ModuleType:
@@ -278,15 +353,184 @@ def config_module(path: str, relative_to: str | None = None) -> ModuleType:
         path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
     name = "sgt_configs_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
+    if spec is None or spec.loader is None or not os.path.isfile(path):
         raise FileNotFoundError(f"no experiment config at {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """"configs/x.py[:arg]" -> get_config(arg), as `--config=` reads it (not finalized: overrides come next)."""
+    path, _, arg = spec.partition(":")
+    return config_module(path).get_config(arg or None)
+
+
+# A comma starts a new assignment only when "dotted.name=" follows, so tuple values keep their commas.
+_ASSIGNMENT_SPLIT = re.compile(r",(?=\s*[A-Za-z_][\w.]*\s*=)")
+
+
+def parse_assignments(text: str) -> dict[str, Any]:
+    """"train.remat=True,mesh.shape=(1,-1,1)" -> {"train.remat": True, "mesh.shape": (1, -1, 1)}:
+    values are Python literals, anything else a string (how tools/bench.py variants and
+    tools/dry_run.py --set name several fields at once; each is then set with `set_fields`)."""
+    out: dict[str, Any] = {}
+    for part in _ASSIGNMENT_SPLIT.split(text.strip()):
+        part = part.strip()
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise ConfigError(f"config assignment {part!r} is not field=value")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def set_fields(cfg: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Set dotted fields in place ({"optim.lr": 3e-4}); each must exist. For programs that build
+    config variants (bench, dry run) the way `--config.x=` flags do."""
+    for key, value in values.items():
+        *sections, leaf = key.split(".")
+        node = cfg
+        for i, s in enumerate(sections):
+            if not isinstance(node, ml_collections.ConfigDict) or s not in node:
+                raise ConfigError(f"unknown config field '{'.'.join(sections[:i + 1])}' (in {key}={value!r})")
+            node = node[s]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise ConfigError(f"unknown config field '{key}' (value {value!r})")
+        if isinstance(node[leaf], bool) and isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if isinstance(node[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(node[leaf], tuple) and isinstance(value, list):
+            value = tuple(value)
+        with node.ignore_type():
+            node[leaf] = value
+    return cfg
+
+
 # ---------------------------------------------------------------------------------------------
-# validation
+# derived fields
+# ---------------------------------------------------------------------------------------------
+def _round_up(n: int, m: int = SEQ_LEN_MULTIPLE) -> int:
+    return -(-int(n) // m) * m
+
+
+def _positive_ints(*values) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+
+
+def umm_dims(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+    """Static sizes of the UMM sequence: the ViT grid (from `model.umm.vit`; image_size 0 = the data's)
+    and the VQ code grid (from `model.vq.downsample` and `data.image_size`). The one definition the
+    data, the model, the stage and the sampler use."""
+    vit = cfg.model.umm.vit
+    vit_size = int(vit.image_size) if int(vit.image_size) > 0 else int(cfg.data.image_size)
+    grid = int(cfg.data.image_size) // max(int(cfg.model.vq.downsample), 1)
+    return {"num_vit_tokens": (vit_size // max(int(vit.patch_size), 1)) ** 2, "vit_image_size": vit_size,
+            "num_codes": grid * grid, "image_size": int(cfg.data.image_size)}
+
+
+def task_kind(task: str) -> str:
+    """"understanding" | "t2i" | "proxy" for a name of TASKS."""
+    return "proxy" if task.startswith("proxy_") else task
+
+
+def row_lengths(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+    """Positions a row of each task of TASKS needs: structural tokens + image spans + text room."""
+    d, data = umm_dims(cfg), cfg.data
+    v, n = d["num_vit_tokens"], d["num_codes"]
+    need = {"understanding": ROW_TOKENS["understanding"] + v + int(data.answer_room),
+            "t2i": ROW_TOKENS["t2i"] + n + int(data.prompt_room),
+            "proxy": ROW_TOKENS["proxy"] + v + n + int(data.instruction_room)}
+    return {t: need[task_kind(t)] for t in TASKS}
+
+
+def _derive(cfg, path: str, value: int, unset: int, rule: str, hint: str = "") -> None:
+    *sections, leaf = path.split(".")
+    node = cfg
+    for s in sections:
+        node = node[s]
+    current = node[leaf]
+    if current not in (unset, value):
+        raise ConfigError(
+            f"config field '{path}' = {current!r} is derived and cannot be set by hand: it is {rule} = {value}. "
+            f"Set the fields it is derived from instead (leave '{path}' at {unset!r}){hint}")
+    node[leaf] = value
+
+
+DERIVED_FIELDS = ("model.umm.codebook_size", "model.umm.num_codes", "data.max_seq_len",
+                  "train.steps (when train.num_examples > 0)")
+
+
+def finalize(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Derive DERIVED_FIELDS in place after all overrides (and return cfg). Idempotent: a field that
+    already holds its derived value is fine, any other hand-set value is a ConfigError naming it.
+    Inputs of the wrong type are left for `validate` to report."""
+    u, v, d = cfg.model.umm, cfg.model.vq, cfg.data
+    if _positive_ints(v.codebook_size):
+        _derive(cfg, "model.umm.codebook_size", int(v.codebook_size), 0, "model.vq.codebook_size")
+    if _positive_ints(d.image_size, v.downsample):
+        _derive(cfg, "model.umm.num_codes", umm_dims(cfg)["num_codes"], 0, "(data.image_size / model.vq.downsample)^2")
+    tasks = [t for t in dict(d.mixture) if t in TASKS]
+    if tasks and _positive_ints(d.image_size, v.downsample, u.vit.patch_size, d.answer_room, d.prompt_room,
+                                d.instruction_room):
+        need = row_lengths(cfg)
+        _derive(cfg, "data.max_seq_len", _round_up(max(need[t] for t in tasks)), 0,
+                f"the longest row of the mixed tasks {sorted(tasks)} rounded up to {SEQ_LEN_MULTIPLE}")
+    n = cfg.train.num_examples
+    if _positive_ints(n, cfg.train.batch_size):
+        _derive(cfg, "train.steps", -(-int(n) // int(cfg.train.batch_size)), -1,
+                f"ceil(train.num_examples {n} / train.batch_size {cfg.train.batch_size})",
+                ", or set train.num_examples=0 to give train.steps directly")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# configs saved with a run
+# ---------------------------------------------------------------------------------------------
+# Dict-valued fields whose keys are free (checked by a rule instead of the schema).
+FREE_KEYS = ("data.mixture", "data.sources", "data.manual_dirs")
+# Fields older runs saved that the schema no longer has; dropped when such a run is loaded.
+RETIRED_FIELDS = ("model.vq.gan_start_step",)
+
+
+def _merge(cfg: ml_collections.ConfigDict, saved: Mapping[str, Any], prefix: str) -> None:
+    for key, value in saved.items():
+        path = prefix + key
+        if path in RETIRED_FIELDS:
+            continue
+        current = cfg[key] if key in cfg else None
+        if isinstance(current, ml_collections.ConfigDict) and isinstance(value, Mapping) and path not in FREE_KEYS:
+            _merge(current, value, path + ".")
+            continue
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = _tuplify(value)
+        with cfg.ignore_type():
+            cfg[key] = value
+
+
+def _tuplify(value):
+    return tuple(_tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def from_saved(saved: Mapping[str, Any] | str) -> ml_collections.ConfigDict:
+    """The config a run saved (its JSON) over the current defaults. It was finalized when it was
+    saved, so its derived fields are kept as they are (not re-derived)."""
+    cfg = default_config()
+    _merge(cfg, json.loads(saved) if isinstance(saved, str) else saved, "")
+    return cfg
+
+
+def is_finalized(cfg: ml_collections.ConfigDict) -> bool:
+    return int(cfg.data.max_seq_len) > 0 and int(cfg.model.umm.num_codes) > 0 and int(cfg.train.steps) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# field rules (one field each) and the rules that need only this module
 # ---------------------------------------------------------------------------------------------
 _CHOICES: dict[str, Sequence[Any]] = {
     "stage": STAGES,
@@ -299,9 +543,11 @@ _CHOICES: dict[str, Sequence[Any]] = {
     "eval.umm.mcq_method": ("likelihood", "generate", "both"),
     "data.mixing": ("rows", "batches"),
 }
-# Dict-valued fields whose keys are free (checked by a semantic rule instead of the schema).
-_FREE_KEYS = ("data.mixture", "data.sources", "data.manual_dirs")
-
+# Tuple fields whose every element comes from a fixed set.
+_ELEMENT_CHOICES: dict[str, Sequence[Any]] = {
+    "eval.umm.parts": EVAL_PARTS,
+    "eval.umm.splits": SPLITS,
+}
 _NUMBER = (int, float)
 
 
@@ -319,15 +565,19 @@ def _type_ok(default: Any, value: Any) -> bool:
     return isinstance(value, type(default))
 
 
+def _fail(path: str, value: Any, allowed: Any) -> None:
+    raise ConfigError(f"config field '{path}' = {value!r} is not allowed; allowed: {allowed}")
+
+
 def _check_schema(schema: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, prefix: str) -> None:
     for key in cfg.keys():
         path = f"{prefix}{key}"
         if key not in schema:
             raise ConfigError(
-                f"unknown config field '{path}' (value {cfg[key]!r}); allowed fields under "
-                f"'{prefix.rstrip('.') or '<root>'}': {sorted(schema.keys())}")
+                f"unknown config field '{path}' (value {cfg[key]!r}){_closest(key, sorted(schema.keys()))} "
+                f"allowed fields under '{prefix.rstrip('.') or '<root>'}': {sorted(schema.keys())}")
         default, value = schema[key], cfg[key]
-        if path in _FREE_KEYS:
+        if path in FREE_KEYS:
             continue
         if isinstance(default, ml_collections.ConfigDict):
             if not isinstance(value, ml_collections.ConfigDict):
@@ -338,8 +588,93 @@ def _check_schema(schema: ml_collections.ConfigDict, cfg: ml_collections.ConfigD
             raise ConfigError(
                 f"config field '{path}' has type {type(value).__name__} (value {value!r}); "
                 f"expected {type(default).__name__} like the default {default!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(path, value, "a finite number")
         if path in _CHOICES and value not in _CHOICES[path]:
-            raise ConfigError(f"config field '{path}' = {value!r} is not allowed; allowed: {list(_CHOICES[path])}")
+            _fail(path, value, list(_CHOICES[path]))
+        if path in _ELEMENT_CHOICES:
+            bad = [x for x in value if x not in _ELEMENT_CHOICES[path]]
+            if bad or not value:
+                _fail(path, value, f"a non-empty tuple of {list(_ELEMENT_CHOICES[path])} (unknown: {bad})")
+
+
+def check_fields(cfg: ml_collections.ConfigDict) -> None:
+    """Unknown fields, wrong types, non-finite numbers and closed choices, by name."""
+    _check_schema(default_config(), cfg, "")
+
+
+def _get(cfg, path: str):
+    node = cfg
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+_POSITIVE = ("optim.lr", "train.batch_size", "optim.grad_accum_steps", "train.log_every", "checkpoint.keep",
+             "checkpoint.every_steps", "model.vq.codebook_size", "data.answer_room", "data.prompt_room",
+             "data.instruction_room")
+_NON_NEGATIVE = ("train.num_examples", "optim.warmup_steps", "optim.weight_decay", "model.vq.gan_weight",
+                 "data.num_workers", "eval.num_examples", "eval.every_steps")
+
+
+def check_core(cfg: ml_collections.ConfigDict) -> None:
+    """Rules that need only this module: ranges, the task mixture, mesh rules, derived fields set."""
+    mixture = dict(cfg.data.mixture)
+    if not mixture:
+        _fail("data.mixture", mixture, f"a non-empty dict over {list(TASKS)}")
+    for name, weight in mixture.items():
+        if name not in TASKS:
+            _fail(f"data.mixture.{name}", weight, f"task names {list(TASKS)}")
+        if (not isinstance(weight, _NUMBER) or isinstance(weight, bool) or not math.isfinite(weight)
+                or weight <= 0):
+            _fail(f"data.mixture.{name}", weight, "a finite number > 0")
+    d = cfg.data
+    if d.image_size < 16 or d.image_size % 16:
+        _fail("data.image_size", d.image_size, "a multiple of 16, >= 16")
+    if not 1 <= d.min_objects <= d.max_objects:
+        _fail("data.min_objects", d.min_objects, f"1 <= min_objects <= max_objects ({d.max_objects})")
+    if not 0.0 <= d.cond_dropout < 1.0:
+        _fail("data.cond_dropout", d.cond_dropout, "0 <= p < 1")
+    if not 0.0 <= d.caption_fraction <= 1.0:
+        _fail("data.caption_fraction", d.caption_fraction, "0 <= fraction <= 1")
+    if d.text_loss_weight < 0 or d.gen_loss_weight < 0 or d.text_loss_weight + d.gen_loss_weight <= 0:
+        _fail("data.text_loss_weight/gen_loss_weight", (d.text_loss_weight, d.gen_loss_weight),
+              "weights >= 0, not both 0")
+    if d.image_size % cfg.model.vq.downsample:
+        _fail("model.vq.downsample", cfg.model.vq.downsample, f"a divisor of data.image_size ({d.image_size})")
+    if cfg.model.vq.downsample not in (4, 8, 16):
+        _fail("model.vq.downsample", cfg.model.vq.downsample, [4, 8, 16])
+    for path in _POSITIVE:
+        if _get(cfg, path) <= 0:
+            _fail(path, _get(cfg, path), "a value > 0")
+    for path in _NON_NEGATIVE:
+        if _get(cfg, path) < 0:
+            _fail(path, _get(cfg, path), "a value >= 0")
+    if cfg.train.steps <= 0:
+        _fail("train.steps", cfg.train.steps,
+              "a value > 0 (or train.num_examples > 0 and sgt_jax.config.finalize(cfg) to derive it)")
+    if not is_finalized(cfg):
+        raise ConfigError("the config was not finalized: call sgt_jax.config.finalize(cfg) after all overrides "
+                          f"(it derives {', '.join(DERIVED_FIELDS)})")
+    if not 0.0 <= cfg.optim.ema_decay < 1.0:
+        _fail("optim.ema_decay", cfg.optim.ema_decay, "0 (off) or 0 < decay < 1")
+    if cfg.optim.clip_norm < 0:
+        _fail("optim.clip_norm", cfg.optim.clip_norm, "0 (off) or > 0")
+    if not 0.0 <= cfg.optim.end_lr_fraction <= 1.0:
+        _fail("optim.end_lr_fraction", cfg.optim.end_lr_fraction, "0 <= fraction <= 1")
+    if cfg.optim.schedule == "cosine" and cfg.optim.warmup_steps >= cfg.train.steps:
+        _fail("optim.warmup_steps", cfg.optim.warmup_steps,
+              f"fewer than train.steps ({cfg.train.steps}) with the cosine schedule")
+    rule_names = [r[0] for r in cfg.mesh.axis_rules]
+    for name, target in cfg.mesh.axis_rules:
+        targets = target if isinstance(target, (tuple, list)) else (target,)
+        for t in targets:
+            if t is not None and t not in MESH_AXES:
+                _fail(f"mesh.axis_rules[{name}]", target, f"mesh axes {list(MESH_AXES)} or None")
+    pairs = [(name, tuple(t) if isinstance(t, list) else t) for name, t in cfg.mesh.axis_rules]
+    if len(set(pairs)) != len(pairs):
+        _fail("mesh.axis_rules", rule_names, "no (logical axis, mesh axes) rule twice (a name may repeat with "
+              "another target as an ordered fallback)")
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -349,18 +684,13 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
         raise ConfigError(f"config field 'mesh.shape' = {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
     if sum(s == -1 for s in shape) > 1 or any(s == 0 or s < -1 for s in shape):
         raise ConfigError(f"config field 'mesh.shape' = {shape}: entries must be positive, with at most one -1")
-    known = 1
-    for s in shape:
-        if s != -1:
-            known *= s
+    known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
             raise ConfigError(
                 f"config field 'mesh.shape' = {shape}: {num_devices} devices are not divisible by {known}")
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
-    total = 1
-    for s in shape:
-        total *= s
+    total = math.prod(shape)
     if total != num_devices:
         raise ConfigError(
             f"config field 'mesh.shape' = {shape} needs {total} devices but {num_devices} are available; "
@@ -368,82 +698,13 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     return shape
 
 
-def _check_semantics(cfg: ml_collections.ConfigDict, num_devices: int | None) -> None:
-    def fail(path, value, allowed):
-        raise ConfigError(f"config field '{path}' = {value!r} is not allowed; allowed: {allowed}")
-
-    mixture = dict(cfg.data.mixture)
-    if not mixture:
-        fail("data.mixture", mixture, f"a non-empty dict over {list(TASKS)}")
-    for name, weight in mixture.items():
-        if name not in TASKS:
-            fail(f"data.mixture.{name}", weight, f"task names {list(TASKS)}")
-        if not isinstance(weight, _NUMBER) or isinstance(weight, bool) or weight <= 0:
-            fail(f"data.mixture.{name}", weight, "a number > 0")
-    if cfg.data.image_size < 16 or cfg.data.image_size % 16:
-        fail("data.image_size", cfg.data.image_size, "a multiple of 16, >= 16")
-    if not 1 <= cfg.data.min_objects <= cfg.data.max_objects:
-        fail("data.min_objects", cfg.data.min_objects, f"1 <= min_objects <= max_objects ({cfg.data.max_objects})")
-    if not 0.0 <= cfg.data.cond_dropout < 1.0:
-        fail("data.cond_dropout", cfg.data.cond_dropout, "0 <= p < 1")
-    if cfg.data.image_size % cfg.model.vq.downsample:
-        fail("model.vq.downsample", cfg.model.vq.downsample, f"a divisor of data.image_size ({cfg.data.image_size})")
-    if cfg.model.vq.downsample not in (4, 8, 16):
-        fail("model.vq.downsample", cfg.model.vq.downsample, [4, 8, 16])
-    for path in ("optim.lr", "train.steps", "train.batch_size", "optim.grad_accum_steps", "train.log_every",
-                 "checkpoint.keep", "checkpoint.every_steps", "model.vq.codebook_size"):
-        section, _, leaf = path.rpartition(".")
-        value = cfg
-        for part in path.split("."):
-            value = value[part]
-        if value <= 0:
-            fail(path, value, "a value > 0")
-    if not 0.0 <= cfg.optim.ema_decay < 1.0:
-        fail("optim.ema_decay", cfg.optim.ema_decay, "0 (off) or 0 < decay < 1")
-    if cfg.optim.clip_norm < 0:
-        fail("optim.clip_norm", cfg.optim.clip_norm, "0 (off) or > 0")
-    rule_names = [r[0] for r in cfg.mesh.axis_rules]
-    for name, target in cfg.mesh.axis_rules:
-        targets = target if isinstance(target, (tuple, list)) else (target,)
-        for t in targets:
-            if t is not None and t not in MESH_AXES:
-                fail(f"mesh.axis_rules[{name}]", target, f"mesh axes {list(MESH_AXES)} or None")
-    pairs = [(name, tuple(t) if isinstance(t, list) else t) for name, t in cfg.mesh.axis_rules]
-    if len(set(pairs)) != len(pairs):
-        fail("mesh.axis_rules", rule_names, "no (logical axis, mesh axes) rule twice (a name may repeat with "
-             "another target as an ordered fallback)")
-    if num_devices is not None:
-        shape = resolve_mesh_shape(cfg.mesh.shape, num_devices)
-        data_parallel = shape[0] * shape[1]
-        micro = cfg.train.batch_size // cfg.optim.grad_accum_steps
-        if cfg.train.batch_size % cfg.optim.grad_accum_steps:
-            fail("train.batch_size", cfg.train.batch_size,
-                 f"a multiple of optim.grad_accum_steps ({cfg.optim.grad_accum_steps})")
-        if micro % data_parallel:
-            fail("train.batch_size", cfg.train.batch_size,
-                 f"a multiple of data x fsdp = {data_parallel} (x grad_accum_steps {cfg.optim.grad_accum_steps})")
-
-
-_EXTRA_CHECKS: list[Callable[[ml_collections.ConfigDict], None]] = []
-
-
-def register_check(fn: Callable[[ml_collections.ConfigDict], None]) -> Callable:
-    """Modules that own a config section (e.g. the UMM model) register extra semantic checks here."""
-    _EXTRA_CHECKS.append(fn)
-    return fn
-
-
-def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
-    """Raise ConfigError naming the first bad field; return cfg unchanged when everything holds.
-
-    `num_devices` enables the mesh and batch checks; pass `jax.device_count()` before building the mesh.
-    """
-    _check_schema(default_config(), cfg, "")
-    _check_semantics(cfg, num_devices)
-    if cfg.stage == "umm":
-        import sgt_jax.data.datasets  # noqa: F401  (register the real data-source checks ...)
-        import sgt_jax.data.sequences  # noqa: F401  (... the sequence-length checks ...)
-        import sgt_jax.models.umm  # noqa: F401  (... and the model's)
-    for check in _EXTRA_CHECKS:
-        check(cfg)
-    return cfg
+def check_devices(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+    """The mesh against the device count, and the batch against the data-parallel width."""
+    shape = resolve_mesh_shape(cfg.mesh.shape, num_devices)
+    data_parallel = shape[0] * shape[1]
+    accum = cfg.optim.grad_accum_steps
+    if cfg.train.batch_size % accum:
+        _fail("train.batch_size", cfg.train.batch_size, f"a multiple of optim.grad_accum_steps ({accum})")
+    if (cfg.train.batch_size // accum) % data_parallel:
+        _fail("train.batch_size", cfg.train.batch_size,
+              f"a multiple of data x fsdp = {data_parallel} (x grad_accum_steps {accum})")

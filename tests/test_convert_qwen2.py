@@ -107,8 +107,9 @@ def test_tool_writes_a_checkpoint_init_from_loads(tmp_path):
     """tools/convert_checkpoint.py -> <out>/checkpoints/0 -> train.checkpoint.load_params fills umm/llm, umm/vit."""
     import flax.linen as nn
 
+    from sgt_jax import checks
     from sgt_jax import config as config_lib
-    from sgt_jax.convert import hf_siglip, to_umm
+    from sgt_jax.convert import hf_siglip
     from sgt_jax.models import umm as umm_lib
     from sgt_jax.train import checkpoint as ckpt_lib
 
@@ -126,9 +127,9 @@ def test_tool_writes_a_checkpoint_init_from_loads(tmp_path):
                       "--out", str(tmp_path / "out")]) == 0
 
     meta = ckpt_lib.read_metadata(str(tmp_path / "out"))
-    cfg = to_umm.apply_overrides(config_lib.default_config(), meta["overrides"])
+    cfg = config_lib.set_fields(config_lib.default_config(), meta["overrides"])
     cfg.stage = "umm"
-    config_lib.validate(cfg)
+    checks.prepare(cfg)
     mcfg = umm_lib.UMMConfig.from_config(cfg)
     assert mcfg.llm.width == 32 and mcfg.llm.tied_embeddings and mcfg.vit.width == 16
     abstract = jax.eval_shape(umm_lib.UMM(mcfg).init, jax.random.key(0), umm_lib.dummy_inputs(mcfg, 1, 80))

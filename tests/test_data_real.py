@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from sgt_jax.data import real_images, render
+from sgt_jax.data.mixture import Mixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = 32  # stored side
@@ -304,7 +305,8 @@ def test_corrupt_records_are_skipped_and_counted_by_the_pipeline(built):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def real_cfg(tmp_path_factory, sam_root, llava_root):
-    from sgt_jax.config import config_module, validate
+    from sgt_jax.checks import prepare as validate  # finalize + every rule
+    from sgt_jax.config import config_module
     from sgt_jax.data import datasets
     from sgt_jax.data import tokenizer as tok_lib
 
@@ -378,7 +380,8 @@ def test_per_host_shards_are_disjoint(real_cfg):
 
     seen = []
     for p in range(2):
-        it = pipeline.make_iterator(real_cfg, "train", {"proxy_segmentation": key_of, "understanding": key_of},
+        it = pipeline.make_iterator(real_cfg, "train", Mixture.from_config(
+            real_cfg, {"proxy_segmentation": key_of, "understanding": key_of}),
                                     process_index=p, process_count=2, batch_size=1, training=False, num_workers=0)
         seen.append({int(b["key"][0]) for b in it})
     assert seen[0] and seen[1] and not (seen[0] & seen[1])

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from sgt_jax.config import PROXIES, config_module, validate
+from sgt_jax.checks import prepare
+from sgt_jax.config import PROXIES, config_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +20,7 @@ def test_sweep_covers_every_proxy_and_seed():
     assert len(points) == 7 * 3
     assert {(p["proxy"], p["seed"]) for p in points} == {(x, s) for x in PROXIES + ("none",) for s in range(3)}
     for p in points:
-        c = validate(p["config"])
+        c = prepare(p["config"])
         assert c.seed == p["seed"] and c.data.shuffle_seed == p["seed"]
         assert c.train.steps == 5 and c.init_from.path == "runs/base"
         want = {"understanding"} if p["proxy"] == "none" else {"understanding", f"proxy_{p['proxy']}"}
@@ -62,7 +63,7 @@ def test_driver_plan_flags_and_errors(capsys):
     assert e.value.code == 2 and "mcq_itemz" in capsys.readouterr().err
     plan = tool.make_plan("/w", "quick", rows=("none",), seeds=1, ratios=(), equal_vqa=False, mixing="rows",
                           eval_overrides=("mcq_items=300",))
-    assert plan.stages[-1].argv[-1] == "--override=mcq_items=300"
+    assert plan.stages[-1].argv[-1] == "--config.eval.umm.mcq_items=300"
 
 
 def test_driver_end_to_end_with_simulated_runs(tmp_path, monkeypatch):
@@ -74,7 +75,7 @@ def test_driver_end_to_end_with_simulated_runs(tmp_path, monkeypatch):
     import numpy as np
 
     from sgt_jax.data import shapes_world as sw
-    from sgt_jax.eval import cvbench, geneval, umm_eval
+    from sgt_jax.eval import cvbench, geneval, umm_results
 
     tool = _tool()
     skill = {"base": 0.3, "none": 0.5, "segmentation": 0.95}
@@ -101,7 +102,7 @@ def test_driver_end_to_end_with_simulated_runs(tmp_path, monkeypatch):
         ge = geneval.score(results, intervals=True)
         ge["per_image"] = {"tag": [r["tag"] for r in results], "correct": [r["correct"] for r in results]}
         seg = {"miou": skill[row] / 2, "per_image_miou": list(rng.random(12) * skill[row]), "vq_ceiling_miou": 0.9}
-        umm_eval.write_metrics(workdir, {"step": 1, "splits": {"test": {"cvbench": cv, "geneval": ge,
+        umm_results.write_metrics(workdir, {"step": 1, "splits": {"test": {"cvbench": cv, "geneval": ge,
                                                                          "segmentation": seg}}})
         return 0
 

@@ -87,14 +87,14 @@ def tiny_run(tmp_path_factory):
     from test_eval_umm import random_params, tiny_config
 
     from sgt_jax.data import tokenizer as tok_lib
-    from sgt_jax.eval import umm_eval
+    from sgt_jax.eval.umm_run import UMMRun
     from sgt_jax.train.stages import umm_stage
 
     root = tmp_path_factory.mktemp("tiny_run")
     cfg = tiny_config(str(root / "tok"))
     tok = tok_lib.build_shapes_tokenizer(str(root / "tok"), cfg, vocab_size=400, num_scenes=12)
     params = random_params(umm_stage.UMMStage(cfg))
-    run = umm_eval.UMMRun.from_params(cfg, params["umm"], params["vq"], tok, workdir=str(root / "run"))
+    run = UMMRun.from_params(cfg, params["umm"], params["vq"], tok, workdir=str(root / "run"))
     run.all_params = params  # the checkpoint test saves them
     return run
 

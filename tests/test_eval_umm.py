@@ -11,17 +11,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgt_jax.config import default_config, validate
-from sgt_jax.data import text
-from sgt_jax.eval import cvbench, report, umm_eval
+from sgt_jax.checks import prepare
+from sgt_jax.config import default_config
+from sgt_jax.data import render, text
+from sgt_jax.data import shapes_world as sw
+from sgt_jax.eval import cvbench, report, umm_eval, umm_results
 from sgt_jax.eval.geneval import TAGS
+from sgt_jax.eval.umm_run import UMMRun
 
 
 def tiny_config(tokenizer_dir: str = ""):
     c = default_config()
     c.stage = "umm"
     c.data.image_size = 32
-    c.data.max_seq_len = 72
+    c.data.answer_room = 45  # rows of 3 + 16 ViT + 45 = 64 positions (derived by finalize)
     c.data.tokenizer_dir = tokenizer_dir
     c.model.vq.codebook_size, c.model.vq.width, c.model.vq.depth, c.model.vq.num_heads = 64, 32, 1, 2
     u = c.model.umm
@@ -29,12 +32,11 @@ def tiny_config(tokenizer_dir: str = ""):
     u.llm.width, u.llm.depth, u.llm.num_heads, u.llm.num_kv_heads, u.llm.head_dim, u.llm.mlp_dim = 32, 2, 2, 1, 16, 64
     u.vit.image_size, u.vit.patch_size, u.vit.width, u.vit.depth, u.vit.num_heads, u.vit.mlp_dim = 32, 8, 32, 1, 2, 64
     u.gen_embed_dim, u.gen_adapter_dim, u.gen_head_dim, u.und_adapter_dim = 8, 32, 32, 32
-    u.codebook_size, u.num_codes = 64, 16
     e = c.eval.umm
     e.batch_size, e.mcq_items, e.geneval_prompts_per_tag, e.seg_images = 8, 3, 1, 3
     e.geneval_images_per_prompt = 1
     e.probe_train_scenes, e.probe_test_scenes, e.probe_steps, e.attn_items = 24, 12, 10, 6
-    return validate(c)
+    return prepare(c)
 
 
 def random_params(stage, seed: int = 0):
@@ -65,7 +67,7 @@ def tiny(tmp_path_factory):
     tok = tok_lib.build_shapes_tokenizer(str(root / "tok"), cfg, vocab_size=400, num_scenes=12)
     stage = umm_stage.UMMStage(cfg)
     params = random_params(stage)
-    run = umm_eval.UMMRun.from_params(cfg, params["umm"], params["vq"], tok, workdir=str(root / "run"))
+    run = UMMRun.from_params(cfg, params["umm"], params["vq"], tok, workdir=str(root / "run"))
     return cfg, params, run, root
 
 
@@ -73,9 +75,54 @@ def _in_unit(x):
     return x is not None and math.isfinite(x) and 0.0 <= x <= 1.0
 
 
-def test_full_suite_keys_and_ranges(tiny):
-    cfg, _, run, _ = tiny
+@pytest.fixture(scope="module")
+def suite_metrics(tiny):
+    """The full suite on the tiny run, once per module (its metrics file is written)."""
+    _, _, run, _ = tiny
     m = umm_eval.evaluate(run)
+    umm_results.write_metrics(run.workdir, m)
+    return m
+
+
+class _MaskOracleRun(UMMRun):
+    """The tiny run, except that 'sampling' a proxy mask returns the true instance rendering of the
+    scene whose image is in the prompt (or all black with `blank`): scores through the real suite."""
+
+    blank = False
+
+    def proxy_prefixes(self, images, instructions):
+        self._images = [np.asarray(im) for im in images]
+        return super().proxy_prefixes(images, instructions)
+
+    def sample_images(self, cond, uncond, sampling, rng):
+        world, out = self.world, []
+        for image in self._images:
+            scene = next(sw.generate_scene(i, world, split) for split in ("test", "heldout") for i in range(3)
+                         if np.array_equal(sw.generate_scene(i, world, split)["image"], image))
+            truth = render.instance_to_rgb(scene["instance"])
+            out.append(np.zeros_like(truth) if self.blank else truth)
+        return np.stack(out)
+
+
+def test_segmentation_part_scores_true_masks_one_and_blank_masks_zero(tiny):
+    import copy
+    import dataclasses
+
+    cfg, params, run, _ = tiny
+    cfg = copy.deepcopy(cfg)
+    cfg.eval.umm.parts, cfg.eval.umm.splits = ("segmentation",), ("test",)
+    oracle = _MaskOracleRun(**{f.name: getattr(run, f.name) for f in dataclasses.fields(run)})
+    oracle.cfg, oracle.workdir = cfg, None
+    seg = umm_eval.evaluate(oracle)["splits"]["test"]["segmentation"]
+    assert seg["miou"] == 1.0 and seg["pixel_accuracy"] == 1.0 and seg["num_instances"] >= 3
+    oracle.blank = True
+    seg = umm_eval.evaluate(oracle)["splits"]["test"]["segmentation"]
+    assert seg["miou"] == 0.0 and seg["background_iou"] < 1.0
+
+
+def test_full_suite_keys_and_ranges(tiny, suite_metrics):
+    cfg, _, run, _ = tiny
+    m = suite_metrics
     for split in ("test", "heldout"):
         res = m["splits"][split]
         cv = res["cvbench"]
@@ -116,9 +163,9 @@ def test_full_suite_keys_and_ranges(tiny):
                                atol=1e-4)
     assert all(g[k][0] > 0 for k in ("object", "other"))  # every prompt has object words and filler
     # the metrics file is plain JSON, and the table prints every split
-    path = umm_eval.write_metrics(run.workdir, m)
+    path = umm_results.write_metrics(run.workdir, m)
     assert json.load(open(path))["splits"]["test"]["cvbench"]["mean"] == pytest.approx(m["splits"]["test"]["cvbench"]["mean"])
-    table = umm_eval.format_table(m)
+    table = umm_results.format_table(m)
     assert "heldout" in table and "seg_mIoU" in table
     for part in ("geneval", "segmentation"):
         assert os.path.exists(os.path.join(run.workdir, "eval", m["splits"]["test"][part]["samples"]))
@@ -164,16 +211,29 @@ def test_workdir_round_trip_and_report(tiny, tmp_path):
     ck = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     ck.save(7, state, metadata={"config": cfg.to_json_best_effort(), "stage": "umm"}, force=True)
     ck.close()
-    assert umm_eval.is_umm_workdir(workdir)
-    # the command line: no --config needed for a UMM run, eval.umm fields by --override
+    from sgt_jax.train import restore
+
+    assert restore.saved_stage(workdir) == "umm"
+    # the command line: no --config needed for a UMM run, eval.umm fields by --config.eval.umm.*
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, os.path.join(root, "tools", "evaluate.py"), f"--workdir={workdir}",
-                           "--override=parts=('cvbench',)", "--override=splits=('test',)", "--override=mcq_items=2"],
-                          cwd=root, capture_output=True, text=True, timeout=300)
+    tool = [sys.executable, os.path.join(root, "tools", "evaluate.py"), f"--workdir={workdir}"]
+    proc = subprocess.run(tool + ["--config.eval.umm.parts=('cvbench',)", "--config.eval.umm.splits=('test',)",
+                                  "--config.eval.umm.mcq_items=2"], cwd=root, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "cv_mean" in proc.stdout and '"test/cvbench/mean"' in proc.stdout
-    m = umm_eval.read_metrics(workdir)
+    m = umm_results.read_metrics(workdir)
     assert m["step"] == 7 and set(m["splits"]["test"]) == {"cvbench"} and m["settings"]["mcq_items"] == 2
+
+    # user errors exit 2 naming the problem: a model field without --config, a bad part, an empty workdir
+    for args, message in ((["--config.model.umm.llm.depth=3"], "only --config.eval.* fields"),
+                          (["--config.eval.umm.parts=('cvbench','gen')"], "'eval.umm.parts'")):
+        proc = subprocess.run(tool + args, cwd=root, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run(tool[:2] + [f"--workdir={empty}"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "there is no run there" in proc.stderr, proc.stderr[-2000:]
 
     # a three-row report from runs with only some parts: table with blanks, no crash
     runs = {"base": workdir, "+SFT": workdir, "+SFT+SGT": workdir}
@@ -182,18 +242,15 @@ def test_workdir_round_trip_and_report(tiny, tmp_path):
     assert os.path.exists(out) and "| +SFT+SGT |" in md and "CV-Bench" in md and "GenEval" in md
 
 
-def test_report_with_plots(tiny, tmp_path):
+def test_report_with_plots(tiny, suite_metrics, tmp_path):
     _, _, run, _ = tiny
-    full = umm_eval.read_metrics(run.workdir) if os.path.exists(
-        os.path.join(run.workdir, umm_eval.METRICS_FILE)) else None
-    if full is None:
-        pytest.skip("needs test_full_suite_keys_and_ranges to have written the tiny run's metrics")
+    full = umm_results.read_metrics(run.workdir)
     dirs = {}
     for i, name in enumerate(("base", "+SFT", "+SFT+SGT")):
         d = tmp_path / f"r{i}"
         m = json.loads(json.dumps(full))
         m["splits"]["test"]["cvbench"]["mean"] = 0.1 * (i + 1)
-        umm_eval.write_metrics(str(d), m)
+        umm_results.write_metrics(str(d), m)
         for part in ("geneval", "segmentation"):
             png = m["splits"]["test"][part]["samples"]
             shutil.copy(os.path.join(run.workdir, "eval", png), d / "eval" / png)

@@ -13,8 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from sgt_jax.config import ConfigError, validate
-from sgt_jax.models import vq
+from sgt_jax.checks import prepare as validate  # finalize + every rule
+from sgt_jax.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,8 +67,11 @@ def test_vq_stage_trains_the_llamagen_family():
 
 
 def test_llamagen_channels_must_fit_group_norm():
-    with pytest.raises(ValueError, match="multiples of 32"):
-        vq.check_spec(vq.VQSpec(family="llamagen", image_size=16, downsample=4, width=16, channel_mult=(1, 1, 2)))
+    cfg = _vq_smoke()
+    cfg.model.vq.family, cfg.model.vq.downsample, cfg.model.vq.width = "llamagen", 4, 16
+    cfg.model.vq.channel_mult = (1, 1, 2)
+    with pytest.raises(ConfigError, match="multiples of 32"):
+        validate(cfg)
     cfg = _vq_smoke()
     cfg.model.vq.family = "llamagen2"
     with pytest.raises(ConfigError, match="model.vq.family"):

@@ -4,8 +4,10 @@ import grain
 import numpy as np
 import pytest
 
-from sgt_jax.config import TASKS, default_config, validate
+from sgt_jax.checks import prepare as validate  # finalize + every rule
+from sgt_jax.config import TASKS, default_config
 from sgt_jax.data import pipeline, tfds_shapes_world
+from sgt_jax.data.mixture import Mixture
 
 SIZE = 32
 
@@ -40,7 +42,7 @@ def test_batches_mode_gives_whole_single_task_batches_in_2_to_1_cycle(setup):
     cfg = cfg.copy_and_resolve_references()
     cfg.data.mixture = {"proxy_segmentation": 2.0, "understanding": 1.0}
     cfg.data.mixing = "batches"
-    transforms = {"proxy_segmentation": _example, "understanding": _example}
+    transforms = Mixture.from_config(cfg, {"proxy_segmentation": _example, "understanding": _example})
     kw = dict(process_index=0, process_count=1, seed=0, batch_size=4, sources=source)
     ds = pipeline.make_dataset(cfg, "train", transforms, **kw)
     it = iter(ds)
@@ -57,6 +59,7 @@ def test_batches_mode_gives_whole_single_task_batches_in_2_to_1_cycle(setup):
     grain.experimental.assert_equal_output_after_checkpoint(grain.experimental.LimitIterDataset(ds, count=7))
     # rows mode (the default): every batch mixes the tasks
     cfg.data.mixing = "rows"
+    transforms = Mixture.from_config(cfg, {"proxy_segmentation": _example, "understanding": _example})
     rows = iter(pipeline.make_dataset(cfg, "train", transforms, **kw))
     tasks = [set(next(rows)["task"].tolist()) for _ in range(6)]
     assert any(len(t) == 2 for t in tasks)

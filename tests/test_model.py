@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sgt_jax import checks
 from sgt_jax import config as config_lib
 from sgt_jax.models import umm as umm_lib
 
@@ -27,11 +28,10 @@ def tiny_config(mot: bool = False, **train):
     u.llm.update(dict(vocab_size=64, width=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
                       attn_bias=True, tied_embeddings=False, qk_norm=True))
     u.vit.update(dict(image_size=16, patch_size=8, width=16, depth=2, num_heads=2, mlp_dim=32))
-    u.update(dict(mot=mot, codebook_size=32, num_codes=4, gen_embed_dim=8, gen_adapter_dim=32, gen_head_dim=32,
-                  und_adapter_dim=32))
+    u.update(dict(mot=mot, gen_embed_dim=8, gen_adapter_dim=32, gen_head_dim=32, und_adapter_dim=32))
     for k, v in train.items():
         cfg.train[k] = v
-    config_lib.validate(cfg)
+    checks.prepare(cfg)  # derives codebook_size 32 and num_codes 4
     return umm_lib.UMMConfig.from_config(cfg)
 
 
@@ -355,28 +355,24 @@ def test_kv_cache_greedy_matches_uncached(mot, code_mode):
 
 
 def test_config_checks():
+    """The UMM's rules (listed in sgt_jax/checks.py) fail by name for every stage, in any process
+    (tests/test_config.py checks the import-order independence in fresh interpreters); the fields
+    tied to the VQ are derived, so they cannot disagree with it."""
     cfg = config_lib.default_config()
     cfg.model.umm.codebook_size = 7
-    config_lib.validate(cfg)  # a VQ-stage config need not keep the UMM section in sync ...
-    with pytest.raises(config_lib.ConfigError, match="model.umm.codebook_size"):
-        umm_lib.UMMConfig.from_config(cfg)  # ... but building the UMM from it fails
-    cfg.stage = "umm"
-    with pytest.raises(config_lib.ConfigError, match="model.umm.codebook_size"):
-        config_lib.validate(cfg)
+    with pytest.raises(config_lib.ConfigError, match="'model.umm.codebook_size' = 7.*derived"):
+        checks.prepare(cfg)
     cfg = config_lib.default_config()
-    cfg.stage = "umm"
     cfg.data.image_size = 32
-    with pytest.raises(config_lib.ConfigError, match="model.umm.num_codes"):
-        config_lib.validate(cfg)
-    cfg = config_lib.default_config()
-    cfg.model.umm.llm.num_kv_heads = 3
-    with pytest.raises(config_lib.ConfigError, match="num_kv_heads"):
-        config_lib.validate(cfg)
-    cfg = config_lib.default_config()
-    cfg.model.umm.vit.pos = "rope"
-    with pytest.raises(config_lib.ConfigError, match="model.umm.vit.pos"):
-        config_lib.validate(cfg)
-    cfg = config_lib.default_config()
-    cfg.model.umm.vit.patch_size = 7
-    with pytest.raises(config_lib.ConfigError, match="patch_size"):
-        config_lib.validate(cfg)
+    assert checks.prepare(cfg).model.umm.num_codes == 16  # (32 / 8)^2, whatever the stage
+    with pytest.raises(config_lib.ConfigError, match="finalized"):
+        umm_lib.UMMConfig.from_config(config_lib.default_config())
+    for stage in ("vq", "umm"):
+        for path, value, match in (("llm.num_kv_heads", 3, "num_kv_heads"), ("vit.pos", "rope", "model.umm.vit.pos"),
+                                   ("vit.patch_size", 7, "patch_size")):
+            cfg = config_lib.default_config()
+            cfg.stage = stage
+            section, leaf = path.split(".")
+            cfg.model.umm[section][leaf] = value
+            with pytest.raises(config_lib.ConfigError, match=match):
+                checks.prepare(cfg)

@@ -7,6 +7,7 @@ import pytest
 
 from sgt_jax.config import TASKS, default_config
 from sgt_jax.data import pipeline, tfds_shapes_world
+from sgt_jax.data.mixture import Mixture
 
 NUM_TRAIN = 24
 SIZE = 32
@@ -99,7 +100,10 @@ def test_mixture_follows_weights_with_task_transforms(data_dir, source):
         return out
 
     transforms = {"understanding": to_example, "proxy_segmentation": flipped, "t2i": to_example}  # t2i: not mixed
-    it = pipeline.make_iterator(cfg, "train", transforms,
+    mixture = Mixture.from_config(cfg, transforms)
+    assert mixture.tasks == ("proxy_segmentation", "understanding") and mixture.weights == (1.0, 3.0)
+    assert mixture.ids == (TASKS.index("proxy_segmentation"), TASKS.index("understanding"))
+    it = pipeline.make_iterator(cfg, "train", mixture,
                                 process_index=0, process_count=1, seed=0, batch_size=8, sources=source)
     batches = _take(it, 25)
     tasks = np.concatenate([b["task"] for b in batches])
@@ -107,8 +111,7 @@ def test_mixture_follows_weights_with_task_transforms(data_dir, source):
     assert set(tasks.tolist()) == {TASKS.index("understanding"), TASKS.index("proxy_segmentation")}
     assert abs(share - 0.75) < 0.05, share
     with pytest.raises(ValueError, match="data.mixture"):
-        pipeline.make_iterator(cfg, "train", {"understanding": to_example}, process_index=0, process_count=1,
-                               batch_size=8, sources=source)
+        Mixture.from_config(cfg, {"understanding": to_example})
 
 
 def test_state_restores_exactly_the_same_next_batches(data_dir, source):
@@ -116,7 +119,7 @@ def test_state_restores_exactly_the_same_next_batches(data_dir, source):
     cfg.data.mixture = {"understanding": 2.0, "t2i": 1.0}
     kw = dict(process_index=0, process_count=1, seed=7, batch_size=4,
               sources=_CorruptSource.wrap(source, {5: "truncate", 11: "empty"}))
-    transforms = {"understanding": to_example, "t2i": to_example}
+    transforms = Mixture.from_config(cfg, {"understanding": to_example, "t2i": to_example})
     ds = pipeline.make_dataset(cfg, "train", transforms, **kw)
     grain.experimental.assert_equal_output_after_checkpoint(grain.experimental.LimitIterDataset(ds, count=10))
 

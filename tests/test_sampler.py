@@ -14,12 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sgt_jax import checks
 from sgt_jax import config as config_lib
 from sgt_jax.data import render
 from sgt_jax.data import sequences as seq
 from sgt_jax.infer import prompts, sampler
 from sgt_jax.models import umm as umm_lib
 from sgt_jax.models import vq as vq_lib
+from sgt_jax.train import restore
 
 IMAGE, VIT, N, L_MAX = 32, 16, 16, 48  # 4x4 codes, 2x2 ViT tokens
 PROMPTS = ["a red cube", "a blue ball left of the green cube", "two objects"]
@@ -30,15 +32,15 @@ def tiny_cfg():
     cfg = config_lib.default_config()
     cfg.stage = "umm"
     cfg.data.image_size = IMAGE
-    cfg.data.max_seq_len = L_MAX
+    cfg.data.answer_room = L_MAX - 3 - 4  # rows of L_MAX: 3 structural + 4 ViT tokens + the answer room
     cfg.model.vq.update(dict(downsample=8, codebook_size=32, width=16, depth=1, num_heads=2))
     u = cfg.model.umm
     u.llm.update(dict(vocab_size=64, width=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
                       tied_embeddings=False))
     u.vit.update(dict(image_size=VIT, patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32))
-    u.update(dict(mot=True, codebook_size=32, num_codes=N, gen_embed_dim=8, gen_adapter_dim=32, gen_head_dim=32,
-                  und_adapter_dim=32))
-    config_lib.validate(cfg)
+    u.update(dict(mot=True, gen_embed_dim=8, gen_adapter_dim=32, gen_head_dim=32, und_adapter_dim=32))
+    checks.prepare(cfg)
+    assert cfg.data.max_seq_len == L_MAX and cfg.model.umm.num_codes == N
     return cfg
 
 
@@ -361,13 +363,13 @@ def save_tiny_run(workdir, step=7):
     return cfg, params, ema, vq_params
 
 
-def test_load_model_restores_ema_params_vq_and_config(tmp_path):
+def test_load_umm_restores_ema_params_vq_and_config(tmp_path):
     cfg, params, ema, vq_params = save_tiny_run(str(tmp_path))
-    loaded = sampler.load_model(str(tmp_path))
+    loaded = restore.load_umm(str(tmp_path))
     assert loaded.step == 7
     assert loaded.model.cfg == umm_lib.UMMConfig.from_config(cfg)  # rebuilt from the saved config
     assert loaded.vq_model.spec == vq_lib.spec_from_config(cfg)
     for got, want in ((loaded.params, ema), (loaded.vq_params, vq_params)):
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
-    raw = sampler.load_model(str(tmp_path), use_ema=False, cfg=cfg)
+    raw = restore.load_umm(str(tmp_path), use_ema=False, cfg=cfg)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), raw.params, params)

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from sgt_jax.data import render, text
+from sgt_jax.data import render, segmentation, text
 from sgt_jax.data import shapes_world as sw
-from sgt_jax.eval import detector, geneval, mcq, segmentation
+from sgt_jax.eval import detector, geneval, mcq
 
 CFG = sw.WorldConfig(image_size=64, max_objects=5)
 

@@ -247,20 +247,23 @@ def test_understanding_mixes_captions_and_mcq_with_letter_answers(world):
     assert 0.12 < captions / 200 < 0.40 and letters > 100
 
 
-def test_config_check_rejects_rows_too_short_for_the_image_spans():
-    from sgt_jax.config import ConfigError, default_config, validate
+def test_row_length_is_derived_from_the_mixed_tasks_spans_and_text_rooms():
+    from sgt_jax.config import ROW_TOKENS, ConfigError, default_config, finalize
 
     cfg = default_config()
     cfg.stage = "umm"
     cfg.data.mixture = {"proxy_segmentation": 2.0, "understanding": 1.0}
-    need = seq.min_row_lengths(cfg)["proxy_segmentation"]  # 5 + 64 ViT + 64 codes + 1
-    assert need == 134
-    cfg.data.max_seq_len = need
-    validate(cfg)
-    cfg.data.max_seq_len = need - 1
-    with pytest.raises(ConfigError, match="data.max_seq_len"):
-        validate(cfg)
-    cfg.data.max_seq_len = need
-    cfg.data.caption_fraction = 1.5
-    with pytest.raises(ConfigError, match="caption_fraction"):
-        validate(cfg)
+    finalize(cfg)
+    # proxy row: 5 structural + 64 ViT + 64 codes + 48 instruction tokens = 181 -> 192.
+    assert ROW_TOKENS["proxy"] == 5 and cfg.data.max_seq_len == 192
+    special = seq.SpecialIds(bos=1, eos=2, pad=0, img=3, img_end=4, boi=5, eoi=6)
+    builder = seq.SequenceBuilder(seq.Layout.from_config(cfg), special, lambda text: [9] * len(text))
+    row = builder.proxy("segmentation", np.zeros((64, 64, 3), np.uint8), "x" * 48, np.zeros((64, 64, 3), np.uint8),
+                        drop=False)
+    assert int(row["attn_mask"].sum()) == 181 and not row["truncated"]  # the instruction room fits exactly
+    cut = builder.proxy("segmentation", np.zeros((64, 64, 3), np.uint8), "x" * 60, np.zeros((64, 64, 3), np.uint8),
+                        drop=False)
+    assert int(cut["attn_mask"].sum()) == 192 and cut["truncated"]  # the rest of the row to the multiple of 16
+    cfg.data.max_seq_len = 134
+    with pytest.raises(ConfigError, match="'data.max_seq_len' = 134.*derived"):
+        finalize(cfg)

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgt_jax.config import validate
+from sgt_jax import checks
+from sgt_jax.config import load_config
 from sgt_jax.models import llm as llm_lib
 from sgt_jax.models import umm as umm_lib
 from sgt_jax.train import mesh as mesh_lib
@@ -48,10 +49,8 @@ def _abstract_boxed_params(cfg):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
 def test_every_logical_axis_of_every_config_has_a_rule(path):
-    from sgt_jax.train.bench import load_config as load
-
     arg = CONFIG_ARGS.get(os.path.basename(path))
-    cfg = load(path + (f":{arg}" if arg else ""))
+    cfg = checks.prepare(load_config(path + (f":{arg}" if arg else "")))
     boxed, activation_names, rules = _abstract_boxed_params(cfg)
     param_names = sharding.logical_names(boxed)
     assert param_names, "no boxed parameters found: the walk would pass vacuously"
@@ -68,13 +67,10 @@ def test_unruled_name_is_reported():
 
 def _umm7b_like():
     """umm_7b's axis rules and mesh layout (1, fsdp, tensor) at smoke size on 8 devices."""
-    from sgt_jax.train.bench import load_config as load
-
-    cfg = load(os.path.join(ROOT, "configs", "umm_7b.py") + ":smoke")
+    cfg = load_config(os.path.join(ROOT, "configs", "umm_7b.py") + ":smoke")
     cfg.mesh.shape = (1, 4, 2)  # smoke ViT has 2 heads
     cfg.optim.ema_decay = 0.999  # the EMA copy must follow the params too
-    validate(cfg, jax.device_count())
-    return cfg
+    return checks.prepare(cfg, jax.device_count())
 
 
 def test_umm7b_layout_kv_heads_gen_head_and_optimizer_state():

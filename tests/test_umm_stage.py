@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from sgt_jax.config import PROXIES, TASKS, config_module, validate
+from sgt_jax.checks import prepare
+from sgt_jax.config import PROXIES, TASKS, ConfigError, config_module, finalize
 from sgt_jax.data import pipeline, shapes_world, tokenizer
 from sgt_jax.train import loop
 from sgt_jax.train.stages.umm_stage import UMMStage
@@ -52,7 +53,11 @@ def _smoke(name, arg, tok_dir, **init_from):
     cfg.data.tokenizer_dir = tok_dir
     cfg.checkpoint.async_save = False
     cfg.init_from.path = init_from.get("path", "")
-    return cfg
+    for k, v in init_from.get("train", {}).items():
+        cfg.train[k] = v
+    for k, v in init_from.get("optim", {}).items():
+        cfg.optim[k] = v
+    return finalize(cfg)
 
 
 def _fixed_batch(stage):
@@ -78,17 +83,17 @@ def test_configs_validate():
     base = _config_module("base_shapes")
     post = _config_module("post_shapes")
     for cfg in (base.get_config(), base.get_config("smoke")):
-        validate(cfg, 8)
+        prepare(cfg, 8)
         assert set(cfg.data.mixture) == {"understanding", "t2i"} and cfg.init_from.mapping == "->vq"
     for proxy in ("none",) + PROXIES:
         cfg = post.get_config(f"proxy={proxy},smoke")
-        validate(cfg, 8)
+        prepare(cfg, 8)
         if proxy == "none":
             assert dict(cfg.data.mixture) == {"understanding": 1.0}
         else:
             assert dict(cfg.data.mixture) == {f"proxy_{proxy}": 2.0, "understanding": 1.0}
         assert cfg.optim.schedule == "constant" and cfg.data.text_loss_weight == 1.5
-    with pytest.raises(ValueError, match="proxy"):
+    with pytest.raises(ConfigError, match="proxy"):
         post.get_config("proxy=bogus")
 
 
@@ -99,7 +104,7 @@ def test_frozen_patterns_match_vq_and_optionally_vit():
 
     cfg = _config_module("base_shapes").get_config("smoke")
     cfg.model.umm_stage.freeze_vit = True
-    stage = UMMStage(cfg)
+    stage = UMMStage(finalize(cfg))
     params = nn.unbox(jax.eval_shape(lambda k: stage.init(k, stage.dummy_batch(1))[0], jax.random.key(0)))
     labels = optim.param_labels(params, stage.frozen)
     flat = {optim.path_str(p): lab for p, lab in jax.tree_util.tree_flatten_with_path(labels)[0]}
@@ -109,9 +114,34 @@ def test_frozen_patterns_match_vq_and_optionally_vit():
     assert any(p.startswith("umm/und_adapter/") and lab == optim.TRAIN for p, lab in flat.items())
 
 
+def _save_vq_run(workdir, cfg, seed=5):
+    """A VQ-stage checkpoint (as tools/train.py on vq_shapes writes it) with distinguishable params."""
+    import jax.numpy as jnp
+
+    from sgt_jax.train import checkpoint as ckpt_lib
+    from sgt_jax.train.stages.vq_stage import VQStage
+    from sgt_jax.train.state import TrainState
+
+    vq_cfg = _config_module("vq_shapes").get_config("smoke")
+    finalize(vq_cfg)
+    assert vq_cfg.model.vq.to_dict() == cfg.model.vq.to_dict()  # base_shapes copies the VQ run's section
+    import flax.linen as nn
+
+    params = nn.unbox(VQStage(vq_cfg).init(jax.random.key(seed), None)[0])
+    state = TrainState(step=jnp.int32(3), params=params, model_state={}, opt_state={"count": jnp.int32(3)},
+                       ema_params=None, consecutive_skips=jnp.int32(0), total_skips=jnp.int32(0))
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt.save(3, state, metadata={"config": vq_cfg.to_json_best_effort(), "stage": "vq"}, force=True)
+    ckpt.close()
+    return jax.device_get(params)
+
+
 def test_base_then_post_smoke_runs(tmp_path, tok_dir):
-    # ---- base: from scratch (random frozen VQ; the real run loads it via init_from "->vq") ----
-    cfg = _smoke("base_shapes", "smoke", tok_dir)
+    # ---- base: the frozen VQ comes from a VQ-stage run through init_from with mapping "->vq" ----
+    vq_dir = str(tmp_path / "vq")
+    cfg = _smoke("base_shapes", "smoke", tok_dir, path=vq_dir)
+    vq_params = _save_vq_run(vq_dir, cfg)
+    assert cfg.init_from.mapping == "->vq"
     cfg.eval.every_steps = 1
     base_dir = str(tmp_path / "base")
     stage = InMemoryUMMStage(cfg)
@@ -122,6 +152,9 @@ def test_base_then_post_smoke_runs(tmp_path, tok_dir):
         assert np.isfinite(res.metrics[f"train/loss/{task}"])
     _check_loss_decreased(stage, ("understanding", "t2i"))
     final = jax.device_get(res.state.params)
+    # The hand-off loaded the VQ run's params (seed 5, not this run's own init) and kept them frozen.
+    for a, b in zip(jax.tree.leaves(vq_params), _vq(final), strict=True):
+        np.testing.assert_array_equal(a, b)
 
     # Loss masks, on the trained params with the stage's compiled eval loss (no new compile).
     f = stage._eval_fn
@@ -136,8 +169,11 @@ def test_base_then_post_smoke_runs(tmp_path, tok_dir):
     assert float(m3["text_loss"]) == pytest.approx(float(m["text_loss"]), rel=1e-5)
     assert abs(float(m3["gen_loss"]) - float(m["gen_loss"])) > 1e-3
 
-    # ---- post: SGT segmentation from the base checkpoint (identity mapping) ----
-    pcfg = _smoke("post_shapes", "proxy=segmentation,smoke", tok_dir, path=base_dir)
+    # ---- post: SGT segmentation from the base checkpoint (identity mapping), accumulating 2
+    # micro-batches of 8 rows per step (a multiple of the 8 test devices) ----
+    pcfg = _smoke("post_shapes", "proxy=segmentation,smoke", tok_dir, path=base_dir,
+                  train={"batch_size": 16, "num_examples": 6 * 16, "steps": -1}, optim={"grad_accum_steps": 2})
+    assert pcfg.train.steps == 6
     pcfg.seed = 1  # its own fresh init differs from the base's, so equal VQ params prove the load
     pcfg.eval.every_steps = 1
     pstage = InMemoryUMMStage(pcfg)
@@ -161,7 +197,7 @@ def test_real_scale_configs_match_janus_pro(name, low, high):
 
     mod = _config_module(name)
     cfg = mod.get_config("proxy=segmentation")
-    validate(cfg)
+    prepare(cfg)
     assert cfg.train.compute_dtype == "bfloat16" and cfg.train.remat and cfg.mesh.shape[1] == -1
     assert dict(cfg.data.mixture) == {"proxy_segmentation": 2.0, "understanding": 1.0}
     stage = UMMStage(cfg)
@@ -172,7 +208,27 @@ def test_real_scale_configs_match_janus_pro(name, low, high):
     # ~6 x params x tokens: the analytic count is within a few percent of that rule of thumb.
     n_llm = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["umm"]["llm"]))
     assert 0.9 < stage.flops_per_example() / (6 * n_llm * cfg.data.max_seq_len) < 1.3
-    validate(mod.get_config("smoke"), 8)
+    prepare(mod.get_config("smoke"), 8)
+
+
+def test_gen_loss_weight_scales_the_code_loss_only(tok_dir):
+    """data.gen_loss_weight multiplies the code CE term of the loss (and nothing else)."""
+    import copy
+
+    cfg = _smoke("base_shapes", "smoke", tok_dir)
+    stage = InMemoryUMMStage(cfg)
+    params = jax.jit(lambda k: __import__("flax").linen.unbox(stage.init(k, stage.dummy_batch(1))[0]))(
+        jax.random.key(0))
+    batch = _fixed_batch(stage)
+    heavy_cfg = copy.deepcopy(cfg)
+    heavy_cfg.data.gen_loss_weight = 2.5
+    heavy = InMemoryUMMStage(heavy_cfg)
+    loss, m = jax.jit(stage.losses)(params, batch)
+    loss2, m2 = jax.jit(heavy.losses)(params, batch)
+    assert float(m["gen_ce"]) > 0 and float(m2["gen_ce"]) == pytest.approx(float(m["gen_ce"]), rel=1e-6)
+    assert float(m2["gen_loss"]) == pytest.approx(2.5 * float(m["gen_loss"]), rel=1e-5)
+    assert float(m2["text_loss"]) == pytest.approx(float(m["text_loss"]), rel=1e-6)
+    assert float(loss2) - float(loss) == pytest.approx(1.5 * float(m["gen_loss"]), rel=1e-4)
 
 
 def test_gathered_text_loss_positions_give_the_same_loss(tok_dir):

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from sgt_jax.config import validate
+from sgt_jax.checks import prepare
 from sgt_jax.models import vq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,8 +128,8 @@ def test_dead_code_reinit_replaces_only_unused_codes():
 
 
 def test_configs_validate():
-    validate(vq_config(None))
-    validate(vq_config("smoke"))
+    prepare(vq_config(None))
+    prepare(vq_config("smoke"))
     c = vq_config(None)
     assert c.stage == "vq" and c.model.vq.downsample == 4
 
@@ -138,7 +138,7 @@ def test_stage_smoke_training_lowers_loss():
     from sgt_jax.data import shapes_world
     from sgt_jax.train.stage import get_stage
 
-    cfg = vq_config("smoke")
+    cfg = prepare(vq_config("smoke"))
     stage = get_stage(cfg)
     world = shapes_world.WorldConfig(image_size=cfg.data.image_size)
     transform = stage.example_transform("train")

@@ -98,7 +98,7 @@ def make_plan(work: str, profile: str, *, rows: Sequence[str], seeds: int, ratio
 
     def evaluate(name, workdir):
         stages.append(Stage(f"{name}_eval", [python, "tools/evaluate.py", f"--workdir={workdir}", f"--data_dir={data}",
-                                             *[f"--override={o}" for o in p["eval"]]]))
+                                             *[f"--config.eval.umm.{o}" for o in p["eval"]]]))
 
     base_dir = base or os.path.join(work, "base")
     if base is None:
@@ -201,7 +201,7 @@ def write_results(out: str, plan: Plan, command: list[str], timings: dict[str, f
                   seeds: int) -> str:
     """OUT/report.md, runs/*.json, summary.json, plots, manifest.json from the evaluated runs."""
     from sgt_jax.eval import report, stats
-    from sgt_jax.eval.umm_eval import METRICS_FILE, read_metrics
+    from sgt_jax.eval.umm_results import METRICS_FILE, read_metrics
 
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     saved: dict[str, str] = {}
@@ -344,11 +344,12 @@ def parse_args(argv: Sequence[str] | None):
     if args.base is not None and not os.path.isdir(os.path.join(args.base, "checkpoints")):
         ap.error(f"--base={args.base!r} has no checkpoints/ directory (train a base first or drop --base)")
     if args.eval:
-        from sgt_jax.eval.umm_eval import parse_overrides
+        from sgt_jax.config import ConfigError, default_config, parse_assignments, set_fields
 
-        try:
-            parse_overrides(args.eval)
-        except ValueError as e:
+        try:  # the same fields tools/evaluate.py takes as --config.eval.umm.FIELD=VALUE
+            set_fields(default_config(), {f"eval.umm.{k.removeprefix('eval.umm.')}": v
+                                          for item in args.eval for k, v in parse_assignments(item).items()})
+        except ConfigError as e:
             ap.error(f"--eval: {e}")
     args.rows, args.ratios = rows, ratios
     return args

@@ -95,7 +95,7 @@ def main(argv):
         return run_suite(small=_SUITE.value == "scale_small")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required (unless --suite is given)")
-    from sgt_jax.train import bench  # imports jax: after the device flag
+    import bench_lib as bench  # tools/bench_lib.py: imports jax, so after the device flag
 
     variants = [bench.parse_variant(v) for v in (_VARIANTS.value or ["base"])]
     if len({v.name for v in variants}) != len(variants):

@@ -39,20 +39,15 @@ def _simulate_devices(n: int) -> None:
 
 
 def _build_state(case: str):
-    """(name, cfg, stage, setup) for a case, the state initialised and sharded as the loop does."""
-    import jax
+    """(name, cfg, setup) for a case, the state initialised and sharded as the loop does
+    (`build_trainer` through tools/bench_lib.py)."""
+    import bench_lib  # tools/bench_lib.py: imports jax, so after the device flags
 
-    from sgt_jax.train import bench as bench_lib
-    from sgt_jax.train import mesh as mesh_lib
-    from sgt_jax.train import state as state_lib
-    from sgt_jax.train.stage import get_stage
+    from sgt_jax.config import load_config, parse_assignments
 
     spec, _, overrides = case.partition("|")
-    cfg = bench_lib.apply_overrides(bench_lib.load_config(spec), bench_lib.parse_overrides(overrides).items())
-    stage = get_stage(cfg)
-    mesh = mesh_lib.mesh_from_config(cfg)
-    setup = state_lib.setup_state(stage, cfg, mesh, jax.random.key(0), stage.dummy_batch(int(cfg.train.batch_size)))
-    return case, cfg, setup
+    trainer = bench_lib.build(bench_lib.apply_overrides(load_config(spec), parse_assignments(overrides).items()))
+    return case, trainer.cfg, trainer.setup
 
 
 def _time(fn) -> float:

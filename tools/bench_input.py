@@ -81,7 +81,7 @@ def write_synthetic(root: str, n: int) -> tuple[str, str]:
 
 
 def measure_step_time(cfg) -> float:
-    from sgt_jax.train import bench
+    import bench_lib as bench  # tools/bench_lib.py
 
     runner = bench.make_runner(cfg, name="train_step")
     bench.time_interleaved([runner], warmup=2, rounds=5)
@@ -98,7 +98,7 @@ def main(argv) -> int:
         return 2
     import jax
 
-    from sgt_jax.config import validate
+    from sgt_jax.checks import prepare as validate  # finalize + every rule
     from sgt_jax.data import datasets, pipeline, sequences
 
     if _SYNTHETIC.value > 0:

@@ -21,6 +21,7 @@ import time
 
 from absl import app, flags, logging
 
+from sgt_jax import checks
 from sgt_jax import config as config_lib
 
 _DEFAULTS = config_lib.default_config().data
@@ -52,7 +53,7 @@ def config_from_flags():
     for name in ("image_size", "min_objects", "max_objects", "train_size", "validation_size", "test_size",
                  "heldout_size", "tokenizer_vocab_size", "tokenizer_corpus_scenes"):
         cfg.data[name] = getattr(FLAGS, name)
-    return config_lib.validate(cfg)
+    return checks.prepare(cfg)
 
 
 def build_real() -> int:

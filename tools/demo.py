@@ -62,7 +62,7 @@ def plan(workdir: str, profile: str) -> list[Stage]:
             return Stage(f"{name}_eval", py + ["tools/evaluate.py", f"--config={config}", f"--workdir={d[name]}"]
                          + common, 0)
         return Stage(f"{name}_eval", py + ["tools/evaluate.py", f"--workdir={d[name]}", f"--data_dir={data}"]
-                     + [f"--override={o}" for o in p["eval"]], 0)
+                     + [f"--config.eval.umm.{o}" for o in p["eval"]], 0)
 
     vq_cfg = f"configs/vq_shapes.py:{p['vq']}" if p["vq"] else "configs/vq_shapes.py"
     stages = [

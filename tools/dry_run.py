@@ -34,6 +34,7 @@ the memory-minimising one.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -223,20 +224,21 @@ def main(argv):
         kept.append("--xla_cpu_enable_concurrency_optimized_scheduler=false")
     os.environ["XLA_FLAGS"] = " ".join(kept)
     os.environ["JAX_PLATFORMS"] = "cpu"
+    import bench_lib as bench  # tools/bench_lib.py: imports jax, so after the device flags
     import jax
 
-    from sgt_jax.train import bench
+    from sgt_jax.config import finalize, load_config, parse_assignments
 
     if jax.device_count() != _DEVICES.value:
         raise RuntimeError(f"asked for {_DEVICES.value} simulated devices, jax sees {jax.device_count()}")
     target = _TARGET.value or _DEVICES.value
     overrides = []
     for s in _SET.value:
-        overrides += list(bench.parse_overrides(s).items())
+        overrides += list(parse_assignments(s).items())
     reports, texts = [], []
     for spec in _CONFIGS.value:
-        cfg = bench.apply_overrides(bench.load_config(spec), overrides)
-        global_batch, per = scaled_batch(cfg, _DEVICES.value, target, _PER_DEVICE.value)
+        cfg = bench.apply_overrides(load_config(spec), overrides)
+        global_batch, per = scaled_batch(finalize(copy.deepcopy(cfg)), _DEVICES.value, target, _PER_DEVICE.value)
         target_batch = int(cfg.train.batch_size)
         cfg = bench.apply_overrides(cfg, [("train.batch_size", global_batch)])
         print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")

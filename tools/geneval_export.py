@@ -55,13 +55,14 @@ def main(argv) -> int:
     except ValueError as e:
         logging.error("%s", e)
         return 2
-    from sgt_jax.eval import umm_eval
+    from sgt_jax.eval.umm_run import UMMRun
     from sgt_jax.infer.sampler import SamplingConfig
+    from sgt_jax.train import restore
 
-    if not umm_eval.is_umm_workdir(_WORKDIR.value, _STEP.value):
+    if restore.saved_stage(os.path.abspath(_WORKDIR.value), _STEP.value) != "umm":
         logging.error("--workdir=%r holds no UMM checkpoint", _WORKDIR.value)
         return 2
-    run = umm_eval.UMMRun.from_workdir(os.path.abspath(_WORKDIR.value), step=_STEP.value,
+    run = UMMRun.from_workdir(os.path.abspath(_WORKDIR.value), step=_STEP.value,
                                        data_dir=_DATA_DIR.value or None)
     sampling = SamplingConfig(guidance_scale=_CFG.value, temperature=_TEMP.value, top_k=_TOPK.value,
                               top_p=_TOPP.value, seed=_SEED.value)

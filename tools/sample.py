@@ -19,6 +19,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sgt_jax import cli
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "UMM run directory holding checkpoints/.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Optional config file overriding the saved one.")
 _TASK = flags.DEFINE_enum("task", "t2i", ["t2i", "segment", "semantic", "vqa"], "What to sample.")
@@ -101,17 +103,22 @@ def main(argv):
     import numpy as np
     from PIL import Image
 
+    from sgt_jax import checks
+    from sgt_jax.config import ConfigError
     from sgt_jax.data import datasets, sequences
     from sgt_jax.infer import prompts, sampler
     from sgt_jax.train import checkpoint as ckpt_lib
+    from sgt_jax.train import restore
+
     try:  # a bad --workdir is named as such (not as the init_from.path it is read through)
         ckpt_lib.check_run_dir(_WORKDIR.value, _STEP.value)
-    except ckpt_lib.RunDirError as e:
+        cfg = checks.prepare(_CONFIG.value) if _CONFIG.value is not None else None
+    except (ckpt_lib.RunDirError, ConfigError) as e:
         logging.error("%s", e)
         sys.exit(2)
     if _TASK.value == "t2i":
         _check_prompts(_PROMPT.value)
-    loaded = sampler.load_model(_WORKDIR.value, step=_STEP.value, cfg=_CONFIG.value)
+    loaded = restore.load_umm(_WORKDIR.value, step=_STEP.value, cfg=cfg)
     cfg, task = loaded.cfg, _TASK.value
     tokenizer = datasets.load_dataset_tokenizer(cfg, _DATA_DIR.value)
     builder = sequences.SequenceBuilder.from_config(cfg, tokenizer)
@@ -176,4 +183,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

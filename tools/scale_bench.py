@@ -123,12 +123,12 @@ def llm_vs_torch(shape: LMShape, *, batch: int, seq: int, steps: int, warmup: in
 
 def sampler_vs_hf(shape: LMShape, *, images: int, prompt_len: int, num_codes: int, rounds: int, seed: int = 0) -> dict:
     """CFG code sampling (2 rows per image) vs HF `generate` (KV cache) on 2 x images rows."""
+    import bench_lib as bench  # tools/bench_lib.py
     import numpy as np
     import torch
     from transformers import Qwen2ForCausalLM
 
     from sgt_jax import config as config_lib
-    from sgt_jax.train import bench
 
     cfg = config_lib.default_config()
     cfg.stage = "umm"
@@ -139,9 +139,9 @@ def sampler_vs_hf(shape: LMShape, *, images: int, prompt_len: int, num_codes: in
     grid = int(round(num_codes ** 0.5))
     if grid * grid != num_codes:
         raise ValueError(f"num_codes must be a square (a code grid); got {num_codes}")
-    cfg.data.image_size = grid * cfg.model.vq.downsample
-    u.num_codes = num_codes
-    cfg.data.max_seq_len = max(cfg.data.max_seq_len, prompt_len + num_codes + 2)
+    cfg.data.image_size = grid * cfg.model.vq.downsample  # finalize derives num_codes = grid^2
+    cfg.data.mixture = {"t2i": 1.0}
+    cfg.data.prompt_room = max(prompt_len, 1)  # rows of prompt + codes + structural tokens (derived)
     call, compile_s, n = bench.sampler_runner(cfg, batch=images, prompt_len=prompt_len, guidance=True, seed=seed)
 
     torch.manual_seed(seed)
@@ -174,7 +174,7 @@ def sampler_vs_hf(shape: LMShape, *, images: int, prompt_len: int, num_codes: in
 
 def umm_compile_seconds(cfg) -> dict:
     """AOT compile time of a config's full train step on abstract (unallocated) state."""
-    from sgt_jax.train import bench
+    import bench_lib as bench  # tools/bench_lib.py
 
     t0 = time.perf_counter()
     built = bench.build(cfg, materialize=False)
@@ -190,7 +190,7 @@ def umm_compile_seconds(cfg) -> dict:
 
 def train_step_rows(named: list[tuple[str, Any]], *, steps: int, warmup: int):
     """The real train step of each config, timed round-robin (tools/bench.py's machinery)."""
-    from sgt_jax.train import bench
+    import bench_lib as bench  # tools/bench_lib.py
 
     runners = [bench.make_runner(cfg, name=name) for name, cfg in named]
     bench.time_interleaved(runners, warmup=warmup, rounds=steps)
@@ -208,7 +208,7 @@ def scale_specs(small: bool) -> tuple[list[tuple[str, str, list[tuple[str, Any]]
 
 
 def _load(spec: str, overrides):
-    from sgt_jax.train import bench
+    import bench_lib as bench  # tools/bench_lib.py
 
     return bench.apply_overrides(bench.load_config(spec), overrides)
 
@@ -240,7 +240,7 @@ def before_step_seconds(src: str, specs, *, steps: int, warmup: int) -> dict[str
 def run(small: bool = False, steps: int = 5, warmup: int = 1, before_src: str = "") -> tuple[dict, str]:
     """Every measurement of the suite -> (json payload, markdown text). `before_src`: a checkout of
     the old code (e.g. f1d12ac) whose own bench times the same train-step variants first."""
-    from sgt_jax.train import bench
+    import bench_lib as bench  # tools/bench_lib.py
 
     shape = SMALL if small else LMShape()
     lm = llm_vs_torch(shape, batch=4 if small else 32, seq=32 if small else 160, steps=steps, warmup=warmup)

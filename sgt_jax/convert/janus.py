@@ -516,8 +516,8 @@ def config_overrides(cfg: umm_lib.UMMConfig, spec: vq_lib.VQSpec) -> dict[str, A
     out = {f"model.umm.llm.{k}": v for k, v in hf_qwen2.umm_overrides(cfg.llm).items()}
     out.update({f"model.umm.vit.{k}": v for k, v in hf_siglip.umm_overrides(cfg.vit).items()})
     out["model.umm.vit.gelu_approximate"] = cfg.vit.gelu_approximate
-    out.update({"model.umm.codebook_size": cfg.codebook_size, "model.umm.num_codes": cfg.num_codes,
-                "model.umm.gen_embed_dim": cfg.gen_embed_dim, "model.umm.gen_adapter_dim": cfg.gen_adapter_dim,
+    # model.umm.codebook_size / num_codes are derived from the VQ and image size by config.finalize.
+    out.update({"model.umm.gen_embed_dim": cfg.gen_embed_dim, "model.umm.gen_adapter_dim": cfg.gen_adapter_dim,
                 "model.umm.gen_head_dim": cfg.gen_head_dim, "model.umm.und_adapter_dim": cfg.und_adapter_dim,
                 "model.umm.mot": False, "data.image_size": spec.image_size})
     out.update({f"model.vq.{k}": getattr(spec, k) for k in ("family", "codebook_size", "code_dim", "downsample",

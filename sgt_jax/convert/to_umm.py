@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import ml_collections
-
 from sgt_jax.convert import hf_qwen2, hf_siglip
 from sgt_jax.convert.common import save_for_init_from
 
@@ -31,16 +29,3 @@ def convert_to_umm(llm_dir: str | Path, out_dir: str | Path, vit_dir: str | Path
                 "overrides": overrides, "step": 0, "kind": "hf_import"}
     save_for_init_from(out_dir, {"umm": umm}, metadata)
     return metadata
-
-
-def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-    """Set dotted fields (e.g. "model.umm.llm.width") on `cfg` in place; unknown paths raise KeyError."""
-    for path, value in overrides.items():
-        *parents, leaf = path.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f"config field {path!r} does not exist")
-        node[leaf] = value
-    return cfg

@@ -16,7 +16,9 @@ import os
 from absl import logging
 from etils import epath
 
-from sgt_jax.config import ConfigError, register_check
+from sgt_jax.config import ConfigError
+from sgt_jax.data import tokenizer
+from sgt_jax.data.records import RecordSource
 
 DATA_DIR_ENV = "SGT_DATA_DIR"
 DEFAULT_DATA_DIR = "data_cache"
@@ -72,9 +74,15 @@ def real_sources(cfg) -> dict[str, str]:
     return sources
 
 
-@register_check
-def check_real_sources(cfg) -> None:
-    """`config.validate` rule: data.sources names known datasets for tasks they can feed."""
+DATASETS = ("shapes_world",)  # values of data.dataset that a builder exists for
+
+
+def check_config(cfg) -> None:
+    """Rules of the data sources (listed in sgt_jax/checks.py): a dataset that can be built, and
+    `data.sources` naming known real datasets for tasks they can feed."""
+    if cfg.data.dataset not in DATASETS:
+        raise ConfigError(f"config field 'data.dataset' = {cfg.data.dataset!r} is not allowed; "
+                          f"allowed: {list(DATASETS)}")
     try:
         real_sources(cfg)
     except ValueError as e:
@@ -95,12 +103,6 @@ def _real_builder(cfg, name: str, root: str):
 
 def _needs_shapes_world(cfg) -> bool:
     return any(t not in real_sources(cfg) for t in cfg.data.mixture.keys())
-
-
-def _check_dataset(cfg) -> None:
-    if cfg.data.dataset != "shapes_world":
-        raise ValueError(f"config field 'data.dataset' = {cfg.data.dataset!r} is not allowed; "
-                         "allowed: ['shapes_world']")
 
 
 def ensure_dataset(cfg, data_dir: str | None = None) -> str:
@@ -127,8 +129,7 @@ def ensure_dataset(cfg, data_dir: str | None = None) -> str:
             raise FileNotFoundError(f"config field 'data.tokenizer_dir' = {tok_dir!r} has no tokenizer.json")
         if not _needs_shapes_world(cfg):
             return root
-    _check_dataset(cfg)
-    from sgt_jax.data import tfds_shapes_world, tokenizer
+    from sgt_jax.data import tfds_shapes_world  # TFDS: imported only when a dataset is opened
 
     b = tfds_shapes_world.builder(tfds_shapes_world.config_from(cfg), root)
     if b.is_prepared():
@@ -148,14 +149,12 @@ def ensure_dataset(cfg, data_dir: str | None = None) -> str:
 
 def load_dataset_tokenizer(cfg, data_dir: str | None = None):
     """The tokenizer for this config (ours next to the data, or cfg.data.tokenizer_dir)."""
-    from sgt_jax.data import tokenizer
 
     return tokenizer.load_tokenizer(tokenizer_dir_for(cfg, data_dir))
 
 
 def open_real_source(cfg, name: str, task: str, split: str, data_dir: str | None = None):
     """A `RecordSource` over one split of a built real dataset, decoded for `task`; no TensorFlow."""
-    from sgt_jax.data.pipeline import RecordSource
     from sgt_jax.data.real_records import RealDecoder
 
     root = data_dir_for(cfg, data_dir)
@@ -182,9 +181,7 @@ def open_source(cfg, split: str, data_dir: str | None = None):
         shared = open_source(_shapes_only(cfg), split, data_dir) if _needs_shapes_world(cfg) else None
         return {task: (open_real_source(cfg, sources[task], task, split, data_dir) if task in sources else shared)
                 for task in cfg.data.mixture.keys()}
-    _check_dataset(cfg)
-    from sgt_jax.data import tfds_shapes_world
-    from sgt_jax.data.pipeline import RecordSource
+    from sgt_jax.data import tfds_shapes_world  # TFDS: imported only when a dataset is opened
 
     root = data_dir_for(cfg, data_dir)
     b = tfds_shapes_world.builder(tfds_shapes_world.config_from(cfg), root)

@@ -1,9 +1,12 @@
 """grain input pipeline: records -> validated -> per-task transform -> weighted mixture -> batches.
 
+The tasks, weights and transforms come from one `mixture.Mixture` (built by the stage from
+`data.mixture`); a single transform is a one-task mixture.
+
 Per task the random-access stages are: decode+validate (bad records become `records.Invalid`
 markers instead of raising), this process's slice, seeded shuffle and endless repeat (training
 only), then the task's transform through `random_map` (each example gets its own deterministic
-numpy Generator). Tasks are mixed with `MapDataset.mix` by `cfg.data.mixture` weights, converted
+numpy Generator). Tasks are mixed with `MapDataset.mix` by the mixture's weights, converted
 to an iterator, invalid markers are dropped (counted, logged with their key), and batched with
 drop_remainder so every batch has a static shape.
 
@@ -13,43 +16,21 @@ with `grain.checkpoint.CheckpointSave/CheckpointRestore` in an Orbax composite c
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import grain
 import numpy as np
 from absl import logging
 
-from sgt_jax.data import records
+from sgt_jax.data import datasets, records
+from sgt_jax.data.mixture import Mixture, Transform
+from sgt_jax.data.records import RecordSource
 
-Transform = Callable[[dict, np.random.Generator], dict]
 SKIP_CATEGORIES = ("undecodable", "missing_field", "bad_dtype", "bad_shape", "empty_objects", "bad_objects",
                    "inconsistent_maps", "no_instance", "empty_conversation", "other")
 _STATE_KEY = "sgt_skipped"
-
-
-@dataclasses.dataclass(frozen=True)
-class RecordSource:
-    """Random-access raw records and their TF-free deserializer; picklable for grain workers.
-
-    `decode(raw, fallback_key) -> record | records.Invalid`, when set, replaces the Shapes World
-    deserialize + validate (real datasets: `real_records.RealDecoder`)."""
-
-    raw: Sequence[bytes]
-    deserialize: Callable[[bytes], Mapping[str, Any]]
-    name: str
-    decode: Callable[[bytes, str], Any] | None = None
-
-    @classmethod
-    def from_tfds(cls, data_source, name: str) -> "RecordSource":
-        """From `builder.as_data_source(split)`: read raw bytes, deserialize with numpy only."""
-        return cls(raw=data_source.data_source, deserialize=data_source.dataset_info.features.deserialize_example_np,
-                   name=name)
-
-    def __len__(self) -> int:
-        return len(self.raw)
 
 
 class _ValidatedSource:
@@ -276,13 +257,11 @@ def interleave_batches(batched: Mapping[str, grain.IterDataset], weights: Mappin
     return _BatchInterleaveIterDataset([batched[t] for t in names], [names.index(t) for t in pattern])
 
 
-def make_dataset(cfg, split: str, transform: Transform | Mapping[str, Transform], *, process_index: int | None = None,
+def make_dataset(cfg, split: str, transform: Transform | Mixture, *, process_index: int | None = None,
                  process_count: int | None = None, seed: int | None = None, batch_size: int | None = None,
                  training: bool | None = None, sources: RecordSource | Mapping[str, RecordSource] | None = None,
                  num_workers: int | None = None, max_consecutive_skips: int = 1000) -> grain.IterDataset:
     """The batched `grain.IterDataset` behind `make_iterator` (same arguments)."""
-    from sgt_jax.config import TASKS
-
     if process_index is None or process_count is None:
         import jax
 
@@ -300,32 +279,22 @@ def make_dataset(cfg, split: str, transform: Transform | Mapping[str, Transform]
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
 
-    if callable(transform):
-        transforms, weights, task_ids = {"default": transform}, {"default": 1.0}, {"default": None}
-    else:
-        mixture = dict(cfg.data.mixture)
-        missing = sorted(set(mixture) - set(transform))
-        if missing:
-            raise ValueError(f"config field 'data.mixture' names tasks {missing} that have no transform; "
-                             f"transforms exist for {sorted(transform)}")
-        transforms = {t: transform[t] for t in mixture}  # tasks outside the mixture are not read
-        weights = {t: float(mixture[t]) for t in transforms}
-        task_ids = {t: (TASKS.index(t) if t in TASKS else None) for t in transforms}
+    if not isinstance(transform, Mixture) and not callable(transform):
+        raise TypeError(f"make_dataset takes a transform or a data.mixture.Mixture, got {type(transform).__name__}")
+    mixture = transform if isinstance(transform, Mixture) else Mixture.single(transform)
     if sources is None:
-        from sgt_jax.data import datasets
 
         sources = datasets.open_source(cfg, split)
     if isinstance(sources, RecordSource):
-        sources = {t: sources for t in transforms}
-    missing = [t for t in transforms if t not in sources]
+        sources = {t: sources for t in mixture.tasks}
+    missing = [t for t in mixture.tasks if t not in sources]
     if missing:
         raise ValueError(f"no record source for tasks {missing}")
 
     image_size = cfg.data.image_size if cfg.data.dataset == "shapes_world" else None
-    names = sorted(transforms)
-    parts = [_task_dataset(sources[t], transforms[t], t, task_ids[t], image_size=image_size,
-                           process_index=process_index, process_count=process_count, seed=seed, training=training)
-             for t in names]
+    parts = [_task_dataset(sources[t], fn, t, task_id, image_size=image_size, process_index=process_index,
+                           process_count=process_count, seed=seed, training=training)
+             for t, _, task_id, fn in mixture.items()]
     read = grain.ReadOptions(num_threads=max(1, min(16, os.cpu_count() or 1)),
                              prefetch_buffer_size=max(16, 2 * batch_size))
 
@@ -337,14 +306,11 @@ def make_dataset(cfg, split: str, transform: Transform | Mapping[str, Transform]
             stream = packing.pack(stream, cfg.data.max_seq_len, num_bins=cfg.data.packing_bins, seed=seed)
         return stream.batch(batch_size, drop_remainder=True)
 
-    mixing = str(cfg.data.get("mixing", "rows"))
-    if mixing not in ("rows", "batches"):
-        raise ValueError(f"config field 'data.mixing' = {mixing!r} is not allowed; allowed: ['rows', 'batches']")
-    if mixing == "batches" and len(parts) > 1:
-        it_ds = interleave_batches({t: batched(p) for t, p in zip(names, parts, strict=True)},
-                                   {t: weights[t] for t in names})
+    if mixture.mode == "batches" and len(parts) > 1:  # data.mixing, carried by the Mixture
+        it_ds = interleave_batches({t: batched(p) for t, p in zip(mixture.tasks, parts, strict=True)},
+                                   dict(zip(mixture.tasks, mixture.weights, strict=True)))
     else:
-        it_ds = batched(parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [weights[t] for t in names]))
+        it_ds = batched(parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(mixture.weights)))
     num_workers = cfg.data.num_workers if num_workers is None else num_workers
     if num_workers > 0:
         from absl import flags
@@ -355,7 +321,7 @@ def make_dataset(cfg, split: str, transform: Transform | Mapping[str, Transform]
     return it_ds
 
 
-def make_iterator(cfg, split: str, transform: Transform | Mapping[str, Transform], *,
+def make_iterator(cfg, split: str, transform: Transform | Mixture, *,
                   process_index: int | None = None, process_count: int | None = None, seed: int | None = None,
                   batch_size: int | None = None, training: bool | None = None,
                   sources: RecordSource | Mapping[str, RecordSource] | None = None,
@@ -363,9 +329,8 @@ def make_iterator(cfg, split: str, transform: Transform | Mapping[str, Transform
     """A checkpointable iterator of per-process batches (dicts of numpy arrays, leading dim = batch_size).
 
     - `transform(record, rng) -> dict` maps a validated record (see `records`) to one example; a
-      mapping task -> transform mixes the tasks of `cfg.data.mixture` by their weights (every
-      mixture task needs a transform; others are ignored) and adds `task`
-      (int32 index into `config.TASKS`) to each example that lacks it.
+      `Mixture` with bound transforms mixes its tasks by their weights and adds `task` (int32 index
+      into `config.TASKS`) to each example that lacks it.
     - `process_index/process_count` default to `jax.process_index()/process_count()`; each process
       reads a disjoint strided slice of the records.
     - `seed` (default cfg.data.shuffle_seed) drives shuffling and each example's rng.

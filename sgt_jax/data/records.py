@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -116,3 +116,25 @@ def decode_and_validate(raw: bytes, deserialize: Callable[[bytes], Mapping[str, 
     if reason is not None:
         return Invalid(record.get("key") or fallback_key, reason)
     return record
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSource:
+    """Random-access raw records and their TF-free deserializer; picklable for grain workers.
+
+    `decode(raw, fallback_key) -> record | records.Invalid`, when set, replaces the Shapes World
+    deserialize + validate (real datasets: `real_records.RealDecoder`)."""
+
+    raw: Sequence[bytes]
+    deserialize: Callable[[bytes], Mapping[str, Any]]
+    name: str
+    decode: Callable[[bytes, str], Any] | None = None
+
+    @classmethod
+    def from_tfds(cls, data_source, name: str) -> "RecordSource":
+        """From `builder.as_data_source(split)`: read raw bytes, deserialize with numpy only."""
+        return cls(raw=data_source.data_source, deserialize=data_source.dataset_info.features.deserialize_example_np,
+                   name=name)
+
+    def __len__(self) -> int:
+        return len(self.raw)

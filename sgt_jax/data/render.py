@@ -21,9 +21,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from sgt_jax.config import PROXIES, ConfigError, comma_items
 from sgt_jax.data.shapes_world import INSTANCE_PALETTE_SIZE, SHAPES
 
-PROXIES: tuple[str, ...] = ("segmentation", "semantic", "depth", "edge", "reconstruction", "mae")
+# What the VQ tokenizer trains on (`model.vq.target_mix`): scene photos and every proxy rendering
+# except mae (its target is the photo itself).
+VQ_TARGET_KINDS: tuple[str, ...] = ("reconstruction", "segmentation", "semantic", "depth", "edge")
+MASK_KINDS: tuple[str, ...] = ("segmentation", "semantic")  # flat palette maps
 
 INSTANCE_PALETTE = np.array([
     (0, 0, 0),  # background
@@ -117,3 +121,29 @@ def render_target(scene: Mapping[str, Any], proxy: str, rng: np.random.Generator
         masked[m] = MAE_FILL
         return masked, image.copy()
     raise ValueError(f"unknown proxy {proxy!r}; allowed: {list(PROXIES)}")
+
+
+def parse_target_mix(text: str) -> dict[str, float]:
+    """`model.vq.target_mix` "kind:weight,..." -> {kind: probability}; kinds from VQ_TARGET_KINDS,
+    weights finite and > 0. Raises ConfigError naming the field (sgt_jax/checks.py runs it first)."""
+    field = "config field 'model.vq.target_mix'"
+    out: dict[str, float] = {}
+    for kind, _, weight in comma_items(str(text), ":"):
+        if kind not in VQ_TARGET_KINDS:
+            raise ConfigError(f"{field} = {text!r} names {kind!r}; allowed: {list(VQ_TARGET_KINDS)}")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise ConfigError(f"{field} = {text!r}: weight {weight!r} of {kind!r} is not a number") from None
+        if not np.isfinite(w) or w <= 0:
+            raise ConfigError(f"{field} = {text!r} gives {kind!r} weight {w}; allowed: a finite number > 0")
+        out[kind] = w
+    if not out:
+        raise ConfigError(f"{field} = {text!r} names no kind; allowed: 'kind:weight,...' over {list(VQ_TARGET_KINDS)}")
+    total = sum(out.values())
+    return {k: v / total for k, v in out.items()}
+
+
+def check_config(cfg) -> None:
+    """Rules of the rendered VQ targets (listed in sgt_jax/checks.py)."""
+    parse_target_mix(cfg.model.vq.target_mix)

@@ -1,6 +1,6 @@
 """The one place a training sample becomes a fixed-length token sequence with loss masks.
 
-Every task of DESIGN.md's table is laid out here, so the training stage, the sampler and the
+Every task kind is laid out here, so the training stage, the sampler and the
 evaluators agree on where the image spans sit and which positions carry a loss:
 
     understanding  <bos> <img> [V ViT slots] </img> question answer <eos>        text CE on answer+<eos>
@@ -34,7 +34,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from sgt_jax.config import PROXIES, TASKS, ConfigError, register_check
+from sgt_jax.config import PROXIES, ROW_TOKENS, TASKS, umm_dims
+from sgt_jax.data import render, text
+from sgt_jax.data.mixture import Mixture
+from sgt_jax.data.tokenizer import special_token_ids
 
 Example = dict[str, np.ndarray]
 # A per-task transform: (record, per-example numpy Generator) -> example. Deterministic given the rng.
@@ -53,46 +56,6 @@ def task_id(name: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # special ids and static sizes
 # ---------------------------------------------------------------------------------------------
-def umm_dims(cfg) -> dict[str, int]:
-    """Derived static sizes: ViT grid (from `model.umm.vit`) and VQ code grid (from `model.vq` and
-    `data.image_size`). The one definition used by the data, the UMM stage and the sampler."""
-    vit = cfg.model.umm.vit
-    vit_size = int(vit.image_size) if int(vit.image_size) > 0 else int(cfg.data.image_size)
-    grid = int(cfg.data.image_size) // int(cfg.model.vq.downsample)
-    return {"num_vit_tokens": (vit_size // int(vit.patch_size)) ** 2, "vit_image_size": vit_size,
-            "num_codes": grid * grid, "image_size": int(cfg.data.image_size)}
-
-
-def min_row_lengths(cfg) -> dict[str, int]:
-    """Positions each task needs before any text: structural tokens plus the image spans."""
-    d = umm_dims(cfg)
-    v, n = d["num_vit_tokens"], d["num_codes"]
-    out = {"understanding": 3 + v + 2, "t2i": 3 + n + 1}  # + at least one question/answer/prompt token
-    out.update({f"proxy_{p}": 5 + v + n + 1 for p in PROXIES})
-    return out
-
-
-@register_check
-def check_sequence_config(cfg) -> None:
-    """Rules of the sequence fields (registered with `config.validate`): loss weights, caption share,
-    and, for the UMM stage, a `data.max_seq_len` that holds every mixed task's image spans."""
-    def fail(path, value, allowed):
-        raise ConfigError(f"config field '{path}' = {value!r} is not allowed; allowed: {allowed}")
-
-    d = cfg.data
-    if d.text_loss_weight < 0 or d.gen_loss_weight < 0 or d.text_loss_weight + d.gen_loss_weight <= 0:
-        fail("data.text_loss_weight/gen_loss_weight", (d.text_loss_weight, d.gen_loss_weight),
-             "weights >= 0, not both 0")
-    if not 0.0 <= d.caption_fraction <= 1.0:
-        fail("data.caption_fraction", d.caption_fraction, "0 <= fraction <= 1")
-    if cfg.stage == "umm":
-        need = min_row_lengths(cfg)
-        for task in d.mixture.keys():
-            if task in need and d.max_seq_len < need[task]:
-                fail("data.max_seq_len", d.max_seq_len,
-                     f">= {need[task]} for task {task!r} (its image spans and structural tokens)")
-
-
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
     """Ids of the structural tokens. Built from a Hugging Face tokenizer with `from_tokenizer`."""
@@ -109,7 +72,6 @@ class SpecialIds:
     def from_tokenizer(cls, tok) -> "SpecialIds":
         """Read ids from a Hugging Face tokenizer with `data.tokenizer.special_token_ids` (one rule for
         BOS/pad fallbacks: a tokenizer without BOS (Qwen2) uses EOS as BOS, without pad EOS as pad)."""
-        from sgt_jax.data.tokenizer import special_token_ids
 
         ids = special_token_ids(tok)
         return cls(**{f.name: int(ids[f.name]) for f in dataclasses.fields(cls)})
@@ -131,7 +93,7 @@ class Layout:
 
     @classmethod
     def from_config(cls, cfg) -> "Layout":
-        """Sizes from the experiment config: ViT grid from `model.umm`, code grid from `model.vq`."""
+        """Sizes from a finalized experiment config (`config.umm_dims`, `data.max_seq_len`)."""
         d = umm_dims(cfg)
         return cls(max_seq_len=int(cfg.data.max_seq_len), num_vit_tokens=d["num_vit_tokens"],
                    vit_image_size=d["vit_image_size"], num_codes=d["num_codes"], image_size=d["image_size"],
@@ -279,8 +241,9 @@ class SequenceBuilder:
         """VQA / caption row: loss (text weight) on the answer tokens and the closing <eos>."""
         V = self.layout.num_vit_tokens
         q, a = self.encode(question), self.answer_ids(answer) + [self.ids.eos]
-        a, cut_a = self._fit(3 + V, a, keep="head")
-        q, cut_q = self._fit(3 + V + len(a), q, keep="tail")
+        fixed = ROW_TOKENS["understanding"] + V
+        a, cut_a = self._fit(fixed, a, keep="head")
+        q, cut_q = self._fit(fixed + len(a), q, keep="tail")
         tokens = [self.ids.bos] + self.vit_span() + q + a
         w = [0.0] * (len(tokens) - len(a)) + [self.layout.text_weight] * len(a)
         return self._row(tokens, w, [False] * len(tokens), task="understanding", vit_image=image, vit_start=2,
@@ -310,7 +273,7 @@ class SequenceBuilder:
     def text_to_image(self, prompt: str, target: np.ndarray, drop: bool) -> Example:
         """`<bos> prompt <boi> [N codes] <eoi>`; loss on the codes. `drop`: CFG unconditional row."""
         N = self.layout.num_codes
-        p, cut = self._fit(3 + N, self.encode(prompt), keep="head")
+        p, cut = self._fit(ROW_TOKENS["t2i"] + N, self.encode(prompt), keep="head")
         prefix = self.t2i_prefix(p, cond=not drop)
         return self._gen_row(prefix, target, task="t2i", vit_image=None, vit_start=-1, truncated=cut)
 
@@ -318,7 +281,7 @@ class SequenceBuilder:
               nearest: bool = False) -> Example:
         """SGT row: image via the ViT only, instruction (dropped -> pads), target codes with loss."""
         V, N = self.layout.num_vit_tokens, self.layout.num_codes
-        ins, cut = self._fit(V + N + 5, self.encode(instruction), keep="head")
+        ins, cut = self._fit(ROW_TOKENS["proxy"] + V + N, self.encode(instruction), keep="head")
         prefix, vit_start = self.proxy_prefix(ins, cond=not drop)
         return self._gen_row(prefix, target, task=f"proxy_{proxy}", vit_image=image, vit_start=vit_start,
                              truncated=cut, nearest=nearest)
@@ -340,7 +303,6 @@ def format_mcq(question: Mapping[str, Any]) -> tuple[str, str]:
 
     Defined in `text.py` (the tokenizer corpus is written in the same layout); re-exported here so
     training and the understanding evaluator format items identically."""
-    from sgt_jax.data import text
 
     return text.format_mcq(question)
 
@@ -377,8 +339,6 @@ class UnderstandingTransform(_Transform):
             return b.conversation(_image(record), record["turns"])
         if "question" in record and "answer" in record:
             return b.understanding(_image(record), str(record["question"]), str(record["answer"]))
-        from sgt_jax.data import text
-
         questions = [] if rng.random() < b.layout.caption_fraction else text.mcq_questions(record, rng)
         if not questions:
             return b.understanding(_image(record), CAPTION_QUESTION, text.caption(record, rng))
@@ -394,7 +354,6 @@ class T2ITransform(_Transform):
         if "prompt" in record:
             prompt = str(record["prompt"])
         else:
-            from sgt_jax.data import text
 
             prompt = text.t2i_prompt(record, rng)
         return self.builder.text_to_image(prompt, _image(record), drop)
@@ -413,14 +372,12 @@ class ProxyTransform(_Transform):
         self.nearest = proxy in _LABEL_PROXIES
 
     def __call__(self, record, rng):
-        from sgt_jax.data import text
 
         instruction = _pick(rng, text.INSTRUCTIONS[self.proxy])
         drop = bool(rng.random() < self.builder.layout.cond_dropout)
         if "target" in record:
             image, target = _image(record), np.asarray(record["target"], np.uint8)
         else:
-            from sgt_jax.data import render
 
             image, target = render.render_target(record, self.proxy, rng)
         return self.builder.proxy(self.proxy, image, instruction, target, drop, nearest=self.nearest)
@@ -437,7 +394,7 @@ def task_transform(builder: SequenceBuilder, task: str) -> TaskTransform:
     raise ValueError(f"unknown task {task!r}; allowed: {list(TASKS)}")
 
 
-def make_task_transforms(cfg, tokenizer) -> dict[str, TaskTransform]:
-    """One transform per task named in `cfg.data.mixture` (the grain mixture samples by its weights)."""
+def make_task_transforms(cfg, tokenizer) -> Mixture:
+    """The run's `Mixture` (`data.mixture`) with one sequence transform per task, for the grain pipeline."""
     builder = SequenceBuilder.from_config(cfg, tokenizer)
-    return {task: task_transform(builder, task) for task in cfg.data.mixture.keys()}
+    return Mixture.from_config(cfg, lambda task: task_transform(builder, task))

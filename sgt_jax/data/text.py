@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from sgt_jax.data import shapes_world as sw
-from sgt_jax.eval.geneval import RELATIONS, TAGS, evaluate_detections, relative_position
+from sgt_jax.data.geneval_rules import RELATIONS, TAGS, evaluate_detections, relative_position, scene_detections
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
                 "eleven", "twelve", "thirteen", "fourteen", "fifteen")
@@ -579,8 +579,6 @@ def scene_for_prompt(spec: Mapping[str, Any], seed: int, cfg=None) -> dict:
                   "depth": float(depths[r])} for r, i in enumerate(order)]
 
         def accept(scene):
-            from sgt_jax.eval.geneval import scene_detections
-
             return evaluate_detections(scene_detections(scene), spec)[0]
 
         scene = sw.paint_scene(specs, rng, wcfg, separate_all=True, accept=accept)

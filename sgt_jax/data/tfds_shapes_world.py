@@ -17,6 +17,8 @@ import json
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sgt_jax.data import shapes_world
+
 SPLITS = ("train", "validation", "test", "heldout")
 TEXT_FIELDS = ("split", "background", "background_texture")  # scene-level strings kept for captions
 VERSION = "1.0.0"
@@ -113,7 +115,6 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
                 for split, n in self.builder_config.split_sizes().items() if n > 0}
 
     def _generate_examples(self, split: str, num: int):
-        from sgt_jax.data import shapes_world
 
         c = self.builder_config
         world = shapes_world.WorldConfig(image_size=c.image_size, min_objects=c.min_objects,

@@ -15,6 +15,8 @@ from typing import Iterable
 
 from etils import epath
 
+from sgt_jax.data import text
+
 # Role -> token text used when a tokenizer lacks that role. Sequences are built explicitly by the
 # task code (BOS, <img> ... </img>, ..., <boi> codes <eoi>), so no post-processor adds tokens.
 SPECIAL_TOKENS = {
@@ -87,8 +89,6 @@ def build_shapes_tokenizer(out_dir: str, cfg, *, vocab_size: int = DEFAULT_VOCAB
     """
     if not overwrite and epath.Path(out_dir, "tokenizer.json").exists():
         return load_tokenizer(out_dir)
-    from sgt_jax.data import text
-
     tok = wrap(train_bpe(text.corpus(cfg, num_scenes), vocab_size))
     if "://" in out_dir:  # gs:// etc.: save locally, then copy the files up through epath
         with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:

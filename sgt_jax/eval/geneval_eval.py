@@ -12,7 +12,7 @@ CFG with paired cond/uncond rows) and score the decoded images exactly against S
   expose that.
 * Segmentation (`evaluate_segmentation`): image -> ViT, + a segmentation instruction (drawn from the
   training paraphrases, fixed per scene) -> mask codes -> VQ decode -> nearest instance-palette colour
-  -> instance map, scored by `sgt_jax.eval.segmentation.instance_miou` against the true instance map
+  -> instance map, scored by `sgt_jax.data.segmentation.instance_miou` against the true instance map
   (ids matched directly, since the palette order is part of the task; the permutation-invariant
   Hungarian variant is reported too). Runs that never trained the proxy score near zero here, which
   is the point of the comparison. `miou_ci` is a bootstrap 95% interval over images, and
@@ -27,9 +27,9 @@ import jax
 import numpy as np
 from etils import epath
 
-from sgt_jax.data import render, text
+from sgt_jax.data import render, segmentation, text
 from sgt_jax.data import shapes_world as sw
-from sgt_jax.eval import geneval, segmentation, stats
+from sgt_jax.eval import geneval, stats
 
 _SEG_SALT = 0x5347_5345
 

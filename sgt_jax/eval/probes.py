@@ -137,7 +137,7 @@ def _pooled(model, params, inputs, span: tuple[int, int]):
 def extract_features(run, scenes: Sequence[Mapping[str, Any]], batch_size: int = 16) -> dict[str, np.ndarray]:
     """Mean-pooled image-token features per layer: {"vit_i": [n, Dv], "llm_j": [n, D]}.
 
-    `run` is a `sgt_jax.eval.umm_eval.UMMRun` (model, params, sequence builder)."""
+    `run` is a `sgt_jax.eval.umm_run.UMMRun` (model, params, sequence builder)."""
     b = run.builder
     ids = [b.ids.bos] + b.vit_span()
     n_vit = b.layout.num_vit_tokens

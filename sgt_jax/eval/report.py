@@ -21,7 +21,7 @@ from etils import epath
 from sgt_jax.eval import stats
 from sgt_jax.eval.cvbench import CVBENCH_TASKS
 from sgt_jax.eval.geneval import TAGS
-from sgt_jax.eval.umm_eval import read_metrics
+from sgt_jax.eval.umm_results import read_metrics
 
 # (part, key, column title)
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -551,7 +551,7 @@ def ablation_comparisons(groups: Mapping[str, Sequence[Mapping[str, Any]]], refe
     for name, runs in groups.items():
         if name == reference:
             continue
-        for label, getter, seed_key in measures:
+        for label, getter, _seed_key in measures:
             xa, xb = _pooled(runs, ref, split, getter)
             if not xa.size:
                 continue

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sgt_jax.data import sequences
+from sgt_jax.data import text as text_lib
 
 Batch = dict[str, np.ndarray]
 
@@ -88,9 +89,8 @@ def t2i_pair(builder: sequences.SequenceBuilder, prompts: Sequence[str], **kw) -
 # ---------------------------------------------------------------------------------------------
 def default_instruction(proxy: str = "segmentation") -> str:
     """The first training instruction of a proxy (a fixed, in-distribution choice)."""
-    from sgt_jax.data import text
 
-    return text.INSTRUCTIONS[proxy][0]
+    return text_lib.INSTRUCTIONS[proxy][0]
 
 
 def proxy_prefixes(builder: sequences.SequenceBuilder, images, instructions: str | Sequence[str] | None = None, *,
@@ -132,11 +132,6 @@ def vqa_prefixes(builder: sequences.SequenceBuilder, images, questions: str | Se
     rows = [head + builder._fit(len(head) + answer_room, _ids(builder, q), keep="tail")[0] for q in questions]
     return _batch(builder, rows, length=length, multiple=multiple, images=images,
                   vit_start=[vit_start] * len(rows))
-
-
-def caption_question() -> str:
-    """The question the understanding data uses for captions."""
-    return sequences.CAPTION_QUESTION
 
 
 def decode_text(tokenizer, tokens, eos_id: int) -> list[str]:

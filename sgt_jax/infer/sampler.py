@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgt_jax.data import render
+from sgt_jax.infer import prompts
 from sgt_jax.models import umm as umm_lib
 from sgt_jax.models import vq as vq_lib
 
@@ -316,8 +318,6 @@ def segment(model: umm_lib.UMM, params, vq_model: vq_lib.VQModel, vq_params, bui
     `return_rgb`). Default sampling is greedy without guidance; pass a guidance scale != 1 to guide
     against the instruction-dropped prompt.
     """
-    from sgt_jax.data import render
-    from sgt_jax.infer import prompts
 
     if proxy not in _MAP_DECODERS:
         raise ValueError(f"segment() decodes label maps for {sorted(_MAP_DECODERS)}; got proxy {proxy!r}")
@@ -326,75 +326,3 @@ def segment(model: umm_lib.UMM, params, vq_model: vq_lib.VQModel, vq_params, bui
                           uncond if float(sampling.guidance_scale) != 1.0 else None)
     maps = getattr(render, _MAP_DECODERS[proxy])(rgb)
     return (maps, rgb) if return_rgb else maps
-
-
-# ---------------------------------------------------------------------------------------------
-# restoring a trained model
-# ---------------------------------------------------------------------------------------------
-class Loaded(NamedTuple):
-    cfg: Any  # ml_collections.ConfigDict of the run
-    model: umm_lib.UMM
-    params: Any  # UMM params
-    vq_model: vq_lib.VQModel
-    vq_params: Any
-    step: int
-
-
-def config_from_checkpoint(workdir: str, step: int = -1):
-    """The experiment config a UMM run saved in its checkpoint metadata, over the current defaults."""
-    import json
-
-    from sgt_jax import config as config_lib
-    from sgt_jax.train import checkpoint as ckpt_lib
-
-    saved = ckpt_lib.read_metadata(workdir, step).get("config")
-    if not saved:
-        raise ValueError(f"checkpoint under {workdir!r} has no config in its metadata; pass a config explicitly")
-    cfg = config_lib.default_config()
-    _merge(cfg, json.loads(saved) if isinstance(saved, str) else saved)
-    return cfg
-
-
-def _tuplify(value):
-    return tuple(_tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _merge(cfg, saved: Mapping[str, Any]) -> None:
-    """Write saved values over the defaults (JSON lists back to tuples where the schema has tuples;
-    `data.mixture` is replaced whole, its keys are free)."""
-    import ml_collections
-
-    for key, value in saved.items():
-        current = cfg[key] if key in cfg else None
-        if isinstance(current, ml_collections.ConfigDict) and isinstance(value, Mapping) and key != "mixture":
-            _merge(current, value)
-            continue
-        if isinstance(current, tuple) and isinstance(value, list):
-            value = _tuplify(value)
-        with cfg.ignore_type():
-            cfg[key] = value
-
-
-def load_model(workdir: str, *, step: int = -1, cfg=None, use_ema: bool = True) -> Loaded:
-    """Restore a UMM run's params (EMA when present) and its frozen VQ from `workdir`'s checkpoint
-    (latest unless `step`), with the run's saved config unless `cfg` is given. Single device."""
-    from flax import linen as nn
-
-    from sgt_jax.train import checkpoint as ckpt_lib
-    from sgt_jax.train.stages import umm_stage
-
-    if cfg is None:
-        cfg = config_from_checkpoint(workdir, step)
-    stage = umm_stage.UMMStage(cfg)
-    boxed, _ = jax.eval_shape(lambda k: stage.init(k, stage.dummy_batch(1)), jax.random.key(0))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32 if jnp.issubdtype(
-        s.dtype, jnp.floating) else s.dtype, sharding=device), nn.unbox(boxed))
-    params, loaded = ckpt_lib.load_params(workdir, target, step=step, use_ema=use_ema)
-    missing = len(jax.tree.leaves(target)) - len(loaded)
-    if missing:
-        raise ValueError(f"checkpoint under {workdir!r} lacks {missing} of the UMM/VQ parameter arrays this "
-                         "config builds; is it a UMM-stage run, and does the config match?")
-    used = ckpt_lib.resolve_step_dir(workdir, step)
-    return Loaded(cfg, stage.model, params[umm_stage.UMM_KEY], stage.vq, params[umm_stage.VQ_KEY],
-                  int(used.name))

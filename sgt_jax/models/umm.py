@@ -44,8 +44,10 @@ class UMMConfig:
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> "UMMConfig":
-        """Build from the full experiment config (model.umm + train.compute_dtype / train.remat)."""
-        check_config(cfg, building=True)
+        """Build from a finalized, validated experiment config (model.umm + train.compute_dtype / train.remat)."""
+        if not config_lib.is_finalized(cfg):
+            raise config_lib.ConfigError("UMMConfig.from_config needs a finalized config: call "
+                                         "sgt_jax.config.finalize(cfg) after all overrides")
         u, dtype, remat = cfg.model.umm, cfg.train.compute_dtype, remat_setting(cfg)
         llm = llm_lib.LLMConfig(
             vocab_size=u.llm.vocab_size, width=u.llm.width, depth=u.llm.depth, num_heads=u.llm.num_heads,
@@ -71,13 +73,10 @@ def remat_setting(cfg: ml_collections.ConfigDict) -> str:
     return policy or ("full" if cfg.train.remat else "none")
 
 
-@config_lib.register_check
-def check_config(cfg: ml_collections.ConfigDict, *, building: bool = False) -> None:
-    """Rules of `model.umm` (registered with `config.validate`).
-
-    Rules tying the UMM to the VQ and data sections apply when the config trains the UMM (or a
-    UMM is being built from it), so VQ-stage configs need not keep the UMM section in sync.
-    """
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+    """Rules of `model.umm` (listed in sgt_jax/checks.py; they apply to every config, so a config
+    passes or fails the same way whichever stage it trains). The fields tying the UMM to the VQ and
+    the data (`codebook_size`, `num_codes`) are derived by `config.finalize`, so they cannot disagree."""
     u = cfg.model.umm
 
     def fail(path, value, allowed):
@@ -116,17 +115,9 @@ def check_config(cfg: ml_collections.ConfigDict, *, building: bool = False) -> N
         fail("model.umm.vit.width", u.vit.width, "a multiple of 4 with sincos positions")
     if not -(u.vit.depth + 1) <= u.vit.select_layer <= u.vit.depth:
         fail("model.umm.vit.select_layer", u.vit.select_layer, f"in [{-(u.vit.depth + 1)}, {u.vit.depth}]")
-    if not building and cfg.stage != "umm":
-        return
-    if cfg.data.get("packing", False):
+    if cfg.stage == "umm" and cfg.data.get("packing", False):
         fail("data.packing", True, "False for the umm stage (its rows carry one image span each; packing is for "
              "text-only examples, see sgt_jax/data/packing.py)")
-    if u.codebook_size != cfg.model.vq.codebook_size:
-        fail("model.umm.codebook_size", u.codebook_size, f"model.vq.codebook_size ({cfg.model.vq.codebook_size})")
-    grid = cfg.data.image_size // cfg.model.vq.downsample
-    if u.num_codes != grid * grid:
-        fail("model.umm.num_codes", u.num_codes,
-             f"(data.image_size / model.vq.downsample)^2 = {grid * grid}")
 
 
 class MLPAdapter(nn.Module):

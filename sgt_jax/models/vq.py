@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sgt_jax.config import ConfigError
+
 Array = jax.Array
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -59,40 +61,38 @@ class VQSpec:
 
 
 def spec_from_config(cfg) -> VQSpec:
-    """Build the spec from a full experiment config (reads `model.vq` and `data.image_size`)."""
+    """Build the spec from a validated experiment config (reads `model.vq` and `data.image_size`)."""
     v = cfg.model.vq
-    spec = VQSpec(
+    return VQSpec(
         family=v.family, image_size=int(cfg.data.image_size), codebook_size=int(v.codebook_size),
         code_dim=int(v.code_dim), downsample=int(v.downsample), width=int(v.width), depth=int(v.depth),
-        decoder_depth=int(v.get("decoder_depth", 0)), num_heads=int(v.num_heads),
-        mlp_ratio=int(v.mlp_ratio), channel_mult=tuple(int(m) for m in v.channel_mult),
-        num_res_blocks=int(v.get("num_res_blocks", 1)), refine_channels=int(v.get("refine_channels", 0)),
-        z_channels=int(v.get("z_channels", 256)), beta=float(v.beta))
-    check_spec(spec)
-    return spec
+        decoder_depth=int(v.decoder_depth), num_heads=int(v.num_heads), mlp_ratio=int(v.mlp_ratio),
+        channel_mult=tuple(int(m) for m in v.channel_mult), num_res_blocks=int(v.num_res_blocks),
+        refine_channels=int(v.refine_channels), z_channels=int(v.z_channels), beta=float(v.beta))
 
 
-def check_spec(spec: VQSpec) -> None:
-    """Raise ValueError naming the field when a spec cannot be built."""
-    if spec.image_size % spec.downsample:
-        raise ValueError(f"model.vq.downsample={spec.downsample} must divide data.image_size={spec.image_size}")
-    if spec.family in ("conv", "llamagen"):
-        levels = int(round(math.log2(spec.downsample)))
-        if 2 ** levels != spec.downsample or len(spec.channel_mult) != levels + 1:
-            raise ValueError(
-                f"model.vq.channel_mult={spec.channel_mult} needs log2(downsample)+1 = {levels + 1} entries "
-                f"for the {spec.family} family with downsample={spec.downsample}")
-        if spec.family == "llamagen":
-            bad = [spec.width * m for m in spec.channel_mult if (spec.width * m) % 32] + \
-                ([spec.z_channels] if spec.z_channels % 32 else [])
+def check_config(cfg) -> None:
+    """Rules of `model.vq` (listed in sgt_jax/checks.py): what the chosen family can build."""
+    v = cfg.model.vq
+
+    def fail(path, value, allowed):
+        raise ConfigError(f"config field '{path}' = {value!r} is not allowed; allowed: {allowed}")
+
+    if float(v.gan_weight) > 0:
+        fail("model.vq.gan_weight", v.gan_weight, "0.0 (the patch-GAN loss is not implemented)")
+    if v.family in ("conv", "llamagen"):
+        levels = int(round(math.log2(v.downsample)))
+        if 2 ** levels != v.downsample or len(v.channel_mult) != levels + 1:
+            fail("model.vq.channel_mult", tuple(v.channel_mult),
+                 f"log2(downsample)+1 = {levels + 1} entries for the {v.family} family with downsample={v.downsample}")
+        if v.family == "llamagen":
+            bad = [v.width * m for m in v.channel_mult if (v.width * m) % 32] + \
+                ([v.z_channels] if v.z_channels % 32 else [])
             if bad:
-                raise ValueError(f"model.vq.width={spec.width} x channel_mult={spec.channel_mult} and "
-                                 f"z_channels={spec.z_channels} must be multiples of 32 (GroupNorm(32)); got {bad}")
-    elif spec.family == "vit":
-        if spec.width % spec.num_heads:
-            raise ValueError(f"model.vq.width={spec.width} must be divisible by num_heads={spec.num_heads}")
-    else:
-        raise ValueError(f"model.vq.family={spec.family!r}; allowed: ['vit', 'conv', 'llamagen']")
+                fail("model.vq.width/channel_mult/z_channels", (v.width, tuple(v.channel_mult), v.z_channels),
+                     f"widths and z_channels that are multiples of 32 (GroupNorm(32)); not: {bad}")
+    elif v.width % v.num_heads:
+        fail("model.vq.num_heads", v.num_heads, f"a divisor of model.vq.width ({v.width})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 TFLOP/s per chip/GPU (vendor numbers; see REFERENCES.md).
+# Dense bf16 TFLOP/s per chip/GPU (vendor data sheets).
 _PEAKS = (
     ("v6", 918.0),  # Trillium / v6e ("TPU v6 lite")
     ("v5p", 459.0),

@@ -1,5 +1,6 @@
-"""The generic training loop: validate -> mesh -> state (fresh, resumed, or init_from) -> data ->
-jitted step -> periodic log / eval / checkpoint, with preemption, wall-clock and divergence stops.
+"""The generic training loop: `build_trainer` (mesh, state, jitted step) -> state (fresh, resumed,
+or init_from) -> data -> periodic log / eval / checkpoint, with preemption, wall-clock and divergence
+stops. `run` is the command-line entry: one finalize + validate before anything is built or written.
 
 Exact resume: the per-step rng is `fold_in(key(seed), step)` and the data iterator state is in the
 checkpoint, so N steps + restart + N steps reproduce 2N straight steps bit for bit (on CPU).
@@ -18,13 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from sgt_jax.config import validate
+from sgt_jax import checks
+from sgt_jax.config import ConfigError, finalize
+from sgt_jax.data import pipeline
 from sgt_jax.train import checkpoint as ckpt_lib
-from sgt_jax.train import mesh as mesh_lib
-from sgt_jax.train import optim, sharding, workdir_lock
-from sgt_jax.train import state as state_lib
-from sgt_jax.train import step as step_lib
+from sgt_jax.train import distributed, sharding, workdir_lock
+from sgt_jax.train.metrics import TrainLogger, summarize
 from sgt_jax.train.stage import get_stage
+from sgt_jax.train.trainer import build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,6 @@ def make_data_iterator(stage, cfg, split: str = "train"):
         if hasattr(stage, "make_iterator") else None
     if it is not None:
         return it
-    from sgt_jax.data import pipeline
     return pipeline.make_iterator(cfg, split, stage.example_transform(split), **kw)
 
 
@@ -123,42 +124,41 @@ def _metadata(cfg, mesh, stage_name: str) -> dict:
             "mesh_shape": dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape), strict=True))}
 
 
-def train(cfg, workdir: str, *, stage=None, max_steps: int | None = None) -> TrainResult:
+def train(cfg, workdir: str, *, stage=None, max_steps: int | None = None, prepared: bool = False) -> TrainResult:
     """Train `cfg.train.steps` steps in `workdir`, resuming from its latest checkpoint.
 
     `stage` overrides `get_stage(cfg)` (tests); `max_steps` stops early at that step (and
-    checkpoints), as a scheduler time slice would.
+    checkpoints), as a scheduler time slice would. `prepared=True`: the caller already ran
+    `checks.prepare(cfg, jax.device_count())` (as `run` does), so it is not repeated.
     """
-    validate(cfg, jax.device_count())
+    if not prepared:
+        checks.prepare(cfg, jax.device_count())
     t_begin = time.time()
     stage = stage if stage is not None else get_stage(cfg)
-    mesh = mesh_lib.mesh_from_config(cfg)
-    rules = sharding.axis_rules(cfg)
     total_steps = int(cfg.train.steps)
     stop_at = min(total_steps, max_steps) if max_steps is not None else total_steps
     global_batch = int(cfg.train.batch_size)
     base_key = jax.random.key(int(cfg.seed))
-    sharding.check_process_batch_layout(mesh, rules, global_batch)
-    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
 
     # One run per workdir: taken on process 0 before anything is written (re-entrant with run()).
     lock = _lock_workdir(workdir)
     try:
-        return _train_locked(cfg, workdir, stage, mesh, rules, total_steps, stop_at, global_batch, base_key,
-                             t_begin)
+        return _train_locked(cfg, workdir, stage, total_steps, stop_at, global_batch, base_key, t_begin)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_locked(cfg, workdir, stage, mesh, rules, total_steps, stop_at, global_batch, base_key, t_begin):
+def _train_locked(cfg, workdir, stage, total_steps, stop_at, global_batch, base_key, t_begin):
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(cfg.checkpoint.keep),
                                  best_metric=cfg.checkpoint.best_metric, best_mode=cfg.checkpoint.best_mode,
                                  async_save=bool(cfg.checkpoint.async_save))
     ckpt.set_run_config(cfg)
     latest = ckpt.latest_step()
-    setup = state_lib.setup_state(stage, cfg, mesh, jax.random.fold_in(base_key, 0),
-                                  stage.dummy_batch(global_batch), materialize=latest is None)
+    trainer = build_trainer(cfg, stage=stage, materialize=latest is None, seed_key=base_key)
+    mesh, rules, setup, jstep = trainer.mesh, trainer.rules, trainer.setup, trainer.jstep
+    sharding.check_process_batch_layout(mesh, rules, global_batch)
+    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
     data_iter = make_data_iterator(stage, cfg, "train")
     if latest is not None:
         # The newest step that verifies (checksums, finiteness); newer ones that fail are moved aside.
@@ -172,13 +172,8 @@ def _train_locked(cfg, workdir, stage, mesh, rules, total_steps, stop_at, global
             state = state.replace(params=params,
                                   ema_params=None if state.ema_params is None else jax.tree.map(jnp.copy, params))
             log.info("init_from %s: %d parameter arrays loaded", cfg.init_from.path, len(loaded))
-    n_train, n_total = optim.trainable_count(setup.abstract.params, setup.labels)
-    log.info("params: %s total, %s trainable", f"{n_total:,}", f"{n_train:,}")
+    log.info("params: %s total, %s trainable", f"{trainer.n_params:,}", f"{trainer.n_trainable:,}")
 
-    batch_sh = sharding.batch_shardings(setup.example_spec, mesh, rules)
-    jstep = step_lib.jit_train_step(step_lib.make_train_step(stage, cfg, setup.tx, setup.labels, mesh),
-                                    setup.shardings, batch_sh, mesh)
-    from sgt_jax.train.metrics import TrainLogger, summarize
     logger = TrainLogger(workdir, total_steps=total_steps, log_every=int(cfg.train.log_every),
                          global_batch=global_batch, flops_per_example=stage.flops_per_example(),
                          tokens_per_example=stage.tokens_per_example(),
@@ -295,18 +290,15 @@ def _log_to_file(workdir: str) -> None:
 
 
 def run(cfg, workdir: str, *, stage=None) -> int:
-    """Command-line entry (tools/train.py): distributed init, validation, train. Returns an exit code."""
-    from sgt_jax.config import ConfigError
-    from sgt_jax.train import distributed
+    """Command-line entry (tools/train.py): finalize, distributed init, the one validation (every
+    rule, files included), then train. Returns an exit code (2 = invalid config, nothing written)."""
     quiet_library_logs()
     try:
-        validate(cfg)  # schema and single-field checks before touching any device
-    except ConfigError as e:
-        log.error("invalid config: %s", e)
-        return 2
-    distributed.maybe_initialize(cfg)
-    try:
-        validate(cfg, jax.device_count())
+        finalize(cfg)  # derived fields, after every override
+        distributed.maybe_initialize(cfg)
+        checks.validate(cfg, jax.device_count(), paths=True)
+        if stage is None:
+            stage = get_stage(cfg)  # stage construction reads the config too: still before any file
     except ConfigError as e:
         log.error("invalid config: %s", e)
         return 2
@@ -315,7 +307,7 @@ def run(cfg, workdir: str, *, stage=None) -> int:
         lock = _lock_workdir(workdir)  # before the first write (train.log); a rejected config wrote nothing
         if jax.process_index() == 0:
             _log_to_file(workdir)
-        result = train(cfg, workdir, stage=stage)
+        result = train(cfg, workdir, stage=stage, prepared=True)
     except TrainingDiverged as e:
         log.error("%s", e)
         return 3

@@ -28,10 +28,6 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
-def param_paths(params: PyTree) -> list[str]:
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
 def freeze_patterns(cfg, stage_frozen: Sequence[str] = ()) -> tuple[str, ...]:
     extra = tuple(p.strip() for p in cfg.optim.freeze.split(",") if p.strip())
     return tuple(stage_frozen) + extra
@@ -60,10 +56,8 @@ def make_schedule(cfg) -> optax.Schedule:
     warmup = max(int(o.warmup_steps), 0)
     if o.schedule == "constant":
         main = optax.constant_schedule(o.lr)
-    elif o.schedule == "cosine":
+    else:  # "cosine" (config.check_fields allows nothing else)
         main = optax.cosine_decay_schedule(o.lr, max(int(cfg.train.steps) - warmup, 1), alpha=o.end_lr_fraction)
-    else:
-        raise ValueError(f"config field 'optim.schedule' = {o.schedule!r}; allowed: ['constant', 'cosine']")
     if warmup == 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), main], [warmup])

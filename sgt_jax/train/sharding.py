@@ -30,7 +30,8 @@ def axis_rules(cfg) -> tuple[tuple[str, Any], ...]:
 
 
 def _is_box(x) -> bool:
-    return isinstance(x, nn.spmd.LogicallyPartitioned) or isinstance(x, nn.Partitioned)
+    """A leaf that carries logical axis names (flax's boxed parameter types)."""
+    return isinstance(x, (nn.spmd.LogicallyPartitioned, nn.Partitioned))
 
 
 def logical_shardings(boxed_tree: PyTree, mesh: Mesh, rules) -> PyTree:

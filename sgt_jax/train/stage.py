@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, runtime_checkable
 
 import ml_collections
 
+from sgt_jax.data.mixture import Mixture
+
 PyTree = Any
 Batch = Mapping[str, Any]
 Metrics = dict[str, Any]
@@ -64,9 +66,9 @@ class Stage(Protocol):
     def tokens_per_example(self) -> float:
         """Tokens (or pixels/patches: whatever the stage's throughput unit is) per example; 0 = n/a."""
 
-    def example_transform(self, split: str) -> Callable | Mapping[str, Callable]:
+    def example_transform(self, split: str) -> Callable | Mixture:
         """What `sgt_jax.data.pipeline.make_iterator(cfg, split, transform, ...)` takes:
-        `transform(record, rng) -> example dict`, or a mapping task -> transform for a mixture.
+        `transform(record, rng) -> example dict`, or the run's `Mixture` with its task transforms.
         Batch keys the stage's `dummy_batch` does not declare are dropped before the step."""
 
     def make_iterator(self, split: str, *, global_batch_size: int, process_index: int, process_count: int,
@@ -94,7 +96,7 @@ class BaseStage:
     def tokens_per_example(self) -> float:
         return 0.0
 
-    def example_transform(self, split: str) -> Callable | Mapping[str, Callable]:
+    def example_transform(self, split: str) -> Callable | Mixture:
         raise NotImplementedError(f"{type(self).__name__} supplies no data transform")
 
     def make_iterator(self, split, *, global_batch_size, process_index, process_count, seed):

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgt_jax.config import TASKS
-from sgt_jax.data import sequences
+from sgt_jax.data import datasets, pipeline, sequences
+from sgt_jax.data.mixture import Mixture
 from sgt_jax.models import umm as umm_lib
 from sgt_jax.models import vq as vq_lib
 from sgt_jax.models.vit import vit_flops_per_image
@@ -49,7 +49,6 @@ class UMMStage(BaseStage):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        sequences.check_sequence_config(cfg)  # also when validate() ran before this module was imported
         self.mcfg = umm_lib.UMMConfig.from_config(cfg)
         self.model = umm_lib.UMM(self.mcfg)
         # The frozen tokenizer always runs in float32 so the codes it assigns here are exactly the
@@ -62,7 +61,7 @@ class UMMStage(BaseStage):
         if cfg.model.umm_stage.freeze_vit:
             frozen.append(f"^{UMM_KEY}/vit/")
         self.frozen = tuple(frozen)
-        self.tasks = tuple(t for t in TASKS if t in cfg.data.mixture)
+        self.mixture = Mixture.from_config(cfg)  # the one reader of data.mixture; transforms bound on first use
 
     # -- shapes --------------------------------------------------------------------------------
     def dummy_batch(self, batch_size: int) -> dict[str, Any]:
@@ -146,8 +145,8 @@ class UMMStage(BaseStage):
         # Text and code losses have different position sets ([B, T] and [B, N]): summed per row first.
         ce_sum = jnp.sum(text_m * text_ce, axis=1) + jnp.sum(gen_m * gen_ce, axis=1)  # [B]
         m_sum = jnp.sum(text_m, axis=1) + jnp.sum(gen_m, axis=1)
-        for task in self.tasks:
-            sel = (batch["task"] == TASKS.index(task)).astype(jnp.float32)
+        for task, task_id in zip(self.mixture.tasks, self.mixture.ids, strict=True):
+            sel = (batch["task"] == task_id).astype(jnp.float32)
             metrics[f"loss/{_short(task)}"] = Ratio(jnp.sum(sel * ce_sum), jnp.sum(sel * m_sum))
             metrics[f"frac/{_short(task)}"] = jnp.mean(sel)
         return loss, metrics
@@ -194,7 +193,6 @@ class UMMStage(BaseStage):
     def make_iterator(self, split: str, *, process_index: int, process_count: int, seed: int, **_):
         """The shared grain pipeline over `record_source(split)` with this stage's task transforms;
         the Shapes World dataset and tokenizer are built on first use, as the VQ stage does."""
-        from sgt_jax.data import datasets, pipeline
 
         sources = self.record_source(split)
         if sources is None:
@@ -202,25 +200,22 @@ class UMMStage(BaseStage):
         return pipeline.make_iterator(self.cfg, split, self.example_transform(split), process_index=process_index,
                                       process_count=process_count, seed=seed, sources=sources)
 
-    def example_transform(self, split: str):
-        """Task -> transform for the grain mixture (`cfg.data.mixture` names the tasks)."""
-        from sgt_jax.data import datasets
+    def example_transform(self, split: str) -> Mixture:
+        """The run's mixture with one sequence transform per task (built once, same for every split)."""
 
-        if not hasattr(self, "_builder"):
+        if self.mixture.transforms is None:
             tok = datasets.load_dataset_tokenizer(self.cfg)
             if len(tok) > self.mcfg.llm.vocab_size:
                 raise ValueError(f"the tokenizer has {len(tok)} ids but config field 'model.umm.llm.vocab_size' = "
                                  f"{self.mcfg.llm.vocab_size}; it must cover the tokenizer")
-            self._builder = sequences.SequenceBuilder.from_config(self.cfg, tok)
-        builder = self._builder
-        return {task: sequences.task_transform(builder, task) for task in self.cfg.data.mixture.keys()}
+            self.mixture = sequences.make_task_transforms(self.cfg, tok)
+        return self.mixture
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, params, model_state, *, step, workdir) -> dict[str, float]:
         """Held-out loss: the training loss and per-task CE on `cfg.eval.num_examples` rows of
         `cfg.eval.split` (one ordered pass, same task mixture and transforms as training; 0 = off).
         Sampling-based benchmarks (CV-Bench / GenEval analogues) live in `sgt_jax.eval`."""
-        from sgt_jax.data import pipeline
 
         if int(self.cfg.eval.num_examples) <= 0:
             return {}

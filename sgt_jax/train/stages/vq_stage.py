@@ -21,32 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgt_jax.data import datasets, pipeline
+from sgt_jax.data.render import MASK_KINDS, parse_target_mix, render_target
 from sgt_jax.models import vq as vq_lib
 from sgt_jax.train.stage import BaseStage, register_stage
-
-TARGET_KINDS = ("reconstruction", "segmentation", "semantic", "depth", "edge")
-MASK_KINDS = ("segmentation", "semantic")
-
-
-def parse_target_mix(text: str) -> dict[str, float]:
-    """"kind:weight,..." -> {kind: probability}; kinds from TARGET_KINDS, weights > 0."""
-    out: dict[str, float] = {}
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        kind, _, weight = part.partition(":")
-        kind = kind.strip()
-        if kind not in TARGET_KINDS:
-            raise ValueError(f"config field 'model.vq.target_mix' names {kind!r}; allowed: {list(TARGET_KINDS)}")
-        w = float(weight) if weight.strip() else 1.0
-        if w <= 0:
-            raise ValueError(f"config field 'model.vq.target_mix' gives {kind!r} weight {w}; allowed: > 0")
-        out[kind] = w
-    if not out:
-        raise ValueError(f"config field 'model.vq.target_mix' = {text!r} names no kind; allowed: {list(TARGET_KINDS)}")
-    total = sum(out.values())
-    return {k: v / total for k, v in out.items()}
+from sgt_jax.train.stages import vq_eval
 
 
 class VQTransform:
@@ -61,7 +40,6 @@ class VQTransform:
         self.mask_weight = float(mask_weight)
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
-        from sgt_jax.data.render import render_target
 
         kind = self.kinds[int(rng.choice(len(self.kinds), p=self.probs))]
         _, target = render_target(record, kind, rng)
@@ -83,9 +61,6 @@ class VQStage(BaseStage):
     def __init__(self, cfg):
         super().__init__(cfg)
         v = cfg.model.vq
-        if float(v.gan_weight) > 0:
-            raise ValueError(f"config field 'model.vq.gan_weight' = {v.gan_weight}: the patch-GAN loss is not "
-                             "implemented; allowed: 0.0")
         self.spec = vq_lib.spec_from_config(cfg)
         self.model = vq_lib.build_model(cfg)
         self.mix = parse_target_mix(v.target_mix)
@@ -161,7 +136,6 @@ class VQStage(BaseStage):
 
     def make_iterator(self, split: str, *, process_index: int, process_count: int, seed: int, **_):
         """The shared grain pipeline over the built Shapes World split (built on first use)."""
-        from sgt_jax.data import datasets, pipeline
 
         datasets.ensure_dataset(self.cfg)
         return pipeline.make_iterator(self.cfg, split, self.example_transform(split), process_index=process_index,
@@ -169,7 +143,6 @@ class VQStage(BaseStage):
 
     # -- evaluation -----------------------------------------------------------------------------------
     def evaluate(self, params, model_state, *, step, workdir) -> dict[str, float]:
-        from sgt_jax.eval import vq_eval
 
         if int(self.cfg.eval.num_examples) <= 0:
             return {}

@@ -20,6 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from sgt_jax.data import pipeline
+from sgt_jax.data.render import render_target, rgb_to_instance, rgb_to_semantic
+from sgt_jax.data.segmentation import aggregate, instance_miou, semantic_miou
 from sgt_jax.models import vq as vq_lib
 
 KINDS = ("reconstruction", "segmentation", "semantic", "depth", "edge")
@@ -30,7 +33,6 @@ class EvalTransform:
     """record -> every rendering kind + the true maps (picklable for grain)."""
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
-        from sgt_jax.data.render import render_target
 
         out = {kind: render_target(record, kind, rng)[1] for kind in KINDS}
         out["instance"] = np.asarray(record["instance"], np.uint8)
@@ -51,7 +53,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_batches(cfg, split: str, num_examples: int, batch_size: int = 64):
     """Ordered batches of EvalTransform outputs from the built dataset split (no TensorFlow)."""
-    from sgt_jax.data import pipeline
 
     batch_size = max(1, min(batch_size, num_examples))
     it = pipeline.make_iterator(cfg, split, EvalTransform(), process_index=0, process_count=1,
@@ -67,8 +68,6 @@ def test_batches(cfg, split: str, num_examples: int, batch_size: int = 64):
 
 def evaluate_batches(model: vq_lib.VQModel, params: Any, batches) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Score an iterable of EvalTransform batches. Returns (metrics, a few examples for the grid)."""
-    from sgt_jax.data.render import rgb_to_instance, rgb_to_semantic
-    from sgt_jax.eval.segmentation import aggregate, instance_miou, semantic_miou
 
     enc = jax.jit(lambda p, x: vq_lib.encode(model, p, x))
     dec = jax.jit(lambda p, c: vq_lib.decode(model, p, c))

@@ -1,19 +1,15 @@
 """Measure the train step instead of asserting speed in tests: wall-clock timing of the real jitted
 step for several config variants side by side, and per-device memory of an AOT compile on abstract
-inputs (MaxText's train_compile idea), for tools/bench.py and tools/dry_run.py.
+inputs (MaxText's train_compile idea). The library behind tools/bench.py and tools/dry_run.py.
 
-Both build the step exactly as `sgt_jax.train.loop` does (stage -> mesh -> `setup_state` with
-shardings -> `make_train_step` -> `jit_train_step` with a donated state, traced under the mesh and
-the logical-axis rules), so what is measured is what trains.
+Both build the step with `sgt_jax.train.trainer.build_trainer`, the function the training loop
+uses, so what is measured is what trains. Configs come from `sgt_jax.config.load_config` and
+variants set fields with `sgt_jax.config.set_fields` (values parsed like `--config.x=` flags).
 """
 from __future__ import annotations
 
-import ast
 import copy
 import dataclasses
-import importlib.util
-import os
-import re
 import statistics
 import time
 from typing import Any, Iterable, Iterator, Sequence
@@ -23,59 +19,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
-from sgt_jax.config import ConfigError, resolve_mesh_shape, validate
+from sgt_jax import checks
+from sgt_jax.config import parse_assignments, resolve_mesh_shape, set_fields
 from sgt_jax.train import flops as flops_lib
-from sgt_jax.train import mesh as mesh_lib
 from sgt_jax.train import optim, sharding
-from sgt_jax.train import state as state_lib
-from sgt_jax.train import step as step_lib
-from sgt_jax.train.stage import get_stage
+from sgt_jax.train.trainer import Trainer, build_trainer
 
 GiB = 1024 ** 3
 
 
 # ---------------------------------------------------------------------------------------------
-# configs and variants
+# variants
 # ---------------------------------------------------------------------------------------------
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """"configs/x.py[:arg]" -> get_config(arg), as `--config=` reads it (configs/ is no package)."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
-    name = "sgt_bench_cfg_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
-    mod_spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg or None)
-
-
-# A comma starts a new override only when "dotted.name=" follows, so tuple values keep their commas.
-_SPLIT = re.compile(r",(?=\s*[A-Za-z_][\w.]*\s*=)")
-
-
-def _value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_overrides(text: str) -> dict[str, Any]:
-    """"train.remat=True,mesh.shape=(1,-1,1)" -> {"train.remat": True, "mesh.shape": (1, -1, 1)}.
-    Values are Python literals; anything else is a string ("bfloat16")."""
-    out: dict[str, Any] = {}
-    for part in _SPLIT.split(text.strip()):
-        part = part.strip()
-        if not part:
-            continue
-        key, eq, value = part.partition("=")
-        if not eq:
-            raise ValueError(f"override {part!r} is not field=value")
-        out[key.strip()] = _value(value.strip())
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
@@ -88,100 +45,23 @@ def parse_variant(text: str) -> Variant:
     name = name.strip()
     if not name:
         raise ValueError(f"variant {text!r} needs a name before ':'")
-    return Variant(name, tuple(parse_overrides(rest).items()))
+    return Variant(name, tuple(parse_assignments(rest).items()))
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[tuple[str, Any]]) -> ml_collections.ConfigDict:
-    """A copy of `cfg` with dotted fields set; every field must already exist (like `validate`)."""
-    out = copy.deepcopy(cfg)
-    try:
-        out.unlock()
-    except AttributeError:
-        pass
-    for key, value in overrides:
-        parts = key.split(".")
-        node = out
-        for i, p in enumerate(parts[:-1]):
-            if not isinstance(node, ml_collections.ConfigDict) or p not in node:
-                raise ConfigError(f"unknown config field '{'.'.join(parts[:i + 1])}' in override {key}={value!r}")
-            node = node[p]
-        leaf = parts[-1]
-        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise ConfigError(f"unknown config field '{key}' in override {key}={value!r}")
-        old = node[leaf]
-        if isinstance(old, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
-            value = value.lower() == "true"
-        elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        node[leaf] = value
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# building the step the way the loop does
-# ---------------------------------------------------------------------------------------------
-def abstract_batch(stage, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """The stage's batch spec at `global_batch` rows without allocating it (one-row dummy batch)."""
-    one = stage.dummy_batch(1)
-    return {k: jax.ShapeDtypeStruct((global_batch,) + tuple(np.shape(v)[1:]), jnp.dtype(v.dtype))
-            for k, v in one.items()}
-
-
-@dataclasses.dataclass
-class Built:
-    """One config's train step, built as `loop.train` builds it (state may be abstract)."""
-    name: str
-    cfg: ml_collections.ConfigDict
-    stage: Any
-    mesh: Any
-    rules: tuple
-    setup: state_lib.StateSetup
-    jstep: Any
-    batch_shardings: Any
-    n_params: int
-    n_trainable: int
-
-    @property
-    def global_batch(self) -> int:
-        return int(self.cfg.train.batch_size)
-
-    def context(self):
-        """The trace context the loop uses (mesh + logical-axis rules)."""
-        import contextlib
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(nn.logical_axis_rules(self.rules))
-        return stack
-
-    def abstract_inputs(self):
-        """(state, batch, rng) ShapeDtypeStructs with shardings: what `lower` needs for AOT."""
-        batch = sharding.abstract_with_shardings(self.setup.example_spec, self.batch_shardings)
-        # Key dtype from an abstract key: an eager jax.random.key would be placed on the mesh's devices,
-        # which fails on compile-only (AOT topology) devices.
-        key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
-        rng = jax.ShapeDtypeStruct((), key_dtype, sharding=sharding.replicated(self.mesh))
-        return self.setup.abstract, batch, rng
+    """A copy of `cfg` with dotted fields set; every field must already exist (`config.set_fields`)."""
+    return set_fields(copy.deepcopy(cfg), dict(overrides))
 
 
 def build(cfg: ml_collections.ConfigDict, *, name: str = "", materialize: bool = True, stage=None,
-          devices=None) -> Built:
-    """Validate, build mesh/state/step. `materialize=False` keeps the state abstract (dry runs):
-    the batch spec then comes from a one-row dummy batch, so nothing model-sized is allocated.
-    `devices` (default: all) may be compile-only TPU devices of a topology (train/aot.py)."""
-    validate(cfg, jax.device_count() if devices is None else len(devices))
-    stage = stage if stage is not None else get_stage(cfg)
-    mesh = mesh_lib.mesh_from_config(cfg, devices)
-    rules = sharding.axis_rules(cfg)
-    global_batch = int(cfg.train.batch_size)
-    example = stage.dummy_batch(global_batch) if materialize else abstract_batch(stage, global_batch)
-    setup = state_lib.setup_state(stage, cfg, mesh, jax.random.fold_in(jax.random.key(int(cfg.seed)), 0), example,
-                                  materialize=materialize)
-    n_train, n_total = optim.trainable_count(setup.abstract.params, setup.labels)
-    batch_sh = sharding.batch_shardings(setup.example_spec, mesh, rules)
-    jstep = step_lib.jit_train_step(step_lib.make_train_step(stage, cfg, setup.tx, setup.labels, mesh),
-                                    setup.shardings, batch_sh, mesh)
-    return Built(name=name, cfg=cfg, stage=stage, mesh=mesh, rules=rules, setup=setup, jstep=jstep,
-                 batch_shardings=batch_sh, n_params=int(n_total), n_trainable=int(n_train))
+          devices=None) -> Trainer:
+    """The entry point's one finalize + validate (on a copy), then `build_trainer`. `devices` (default:
+    all) may be the compile-only devices of a TPU topology (train/aot.py)."""
+    cfg = checks.prepare(copy.deepcopy(cfg), jax.device_count() if devices is None else len(devices))
+    return build_trainer(cfg, stage=stage, materialize=materialize, name=name, devices=devices)
+
+
+Built = Trainer  # what the timing and dry-run code below calls a built variant
 
 
 def memory_stats(compiled) -> dict[str, int]:
@@ -414,6 +294,7 @@ def sampler_runner(cfg: ml_collections.ConfigDict, *, batch: int, prompt_len: in
     from sgt_jax.infer import sampler
     from sgt_jax.models import umm as umm_lib
 
+    cfg = checks.prepare(copy.deepcopy(cfg))
     mcfg = umm_lib.UMMConfig.from_config(cfg)
     model = umm_lib.UMM(mcfg)
     seq = max(int(cfg.data.max_seq_len), 2 + mcfg.num_vit_tokens + mcfg.num_codes)
@@ -478,26 +359,39 @@ def sampler_table(rows: Sequence[SamplerRow]) -> str:
 # ---------------------------------------------------------------------------------------------
 # dry run: AOT compile on abstract inputs
 # ---------------------------------------------------------------------------------------------
-def _leaf_bytes(shape: Sequence[int], dtype, spec, mesh_shape: dict[str, int]) -> int:
-    """Bytes of one device's shard of a leaf with PartitionSpec `spec` on a mesh of `mesh_shape`."""
-    dims = list(shape)
-    for i, entry in enumerate(tuple(spec) + (None,) * (len(dims) - len(tuple(spec)))):
-        axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
-        n = 1
-        for a in axes:
-            n *= mesh_shape[a]
-        dims[i] = -(-dims[i] // n)
-    return int(np.prod(dims, dtype=np.int64)) * jnp.dtype(dtype).itemsize
+def _abstract_mesh(mesh_shape: dict[str, int]) -> AbstractMesh:
+    return AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape), axis_types=(AxisType.Auto,) * len(mesh_shape))
+
+
+def _shard_shape(leaf, mesh: AbstractMesh) -> tuple[int, ...]:
+    """One device's shard of `leaf` with its PartitionSpec on `mesh` (`Sharding.shard_shape`)."""
+    spec = getattr(getattr(leaf, "sharding", None), "spec", jax.sharding.PartitionSpec())
+    return NamedSharding(mesh, spec).shard_shape(tuple(leaf.shape))
 
 
 def state_bytes_per_device(abstract_state, mesh_shape: dict[str, int]) -> int:
     """Analytic per-device bytes of the sharded train state on a mesh of `mesh_shape` (which may be
     larger than the simulated one: the same PartitionSpecs on the target pod)."""
-    total = 0
+    mesh, total = _abstract_mesh(mesh_shape), 0
     for leaf in jax.tree.leaves(abstract_state):
-        spec = getattr(getattr(leaf, "sharding", None), "spec", ())
-        total += _leaf_bytes(leaf.shape, leaf.dtype, spec, mesh_shape)
+        try:
+            shape = _shard_shape(leaf, mesh)
+        except ValueError:  # does not divide on this (target) mesh: count the padded shard
+            shape = _shard_shape(jax.ShapeDtypeStruct(_padded(leaf, mesh_shape), leaf.dtype,
+                                                      sharding=getattr(leaf, "sharding", None)), mesh)
+        total += int(np.prod(shape, dtype=np.int64)) * jnp.dtype(leaf.dtype).itemsize
     return total
+
+
+def _padded(leaf, mesh_shape: dict[str, int]) -> tuple[int, ...]:
+    """`leaf.shape` rounded up per dim to a multiple of its mesh axes (how XLA pads an uneven shard)."""
+    spec = tuple(getattr(getattr(leaf, "sharding", None), "spec", ()))
+    dims = list(leaf.shape)
+    for i, entry in enumerate(spec):
+        axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        n = int(np.prod([mesh_shape[a] for a in axes], dtype=np.int64)) if axes else 1
+        dims[i] = -(-dims[i] // n) * n
+    return tuple(dims)
 
 
 @dataclasses.dataclass
@@ -537,15 +431,12 @@ def big_params(built: Built, k: int = 6) -> list[tuple[str, tuple[int, ...], str
 def indivisible(abstract_tree, mesh_shape: dict[str, int]) -> list[tuple[str, tuple[int, ...], str]]:
     """Leaves whose sharded dims do not divide by their mesh axes: jit would refuse them (IndivisibleError)
     when creating the state, so list them all by path instead of failing on the first."""
-    bad = []
+    mesh, bad = _abstract_mesh(mesh_shape), []
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]:
-        spec = tuple(getattr(getattr(leaf, "sharding", None), "spec", ()))
-        for dim, entry in zip(leaf.shape, spec, strict=False):
-            axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
-            n = int(np.prod([mesh_shape[a] for a in axes], dtype=np.int64)) if axes else 1
-            if dim % n:
-                bad.append((optim.path_str(path), tuple(int(s) for s in leaf.shape), str(leaf.sharding.spec)))
-                break
+        try:
+            _shard_shape(leaf, mesh)
+        except ValueError:
+            bad.append((optim.path_str(path), tuple(int(s) for s in leaf.shape), str(leaf.sharding.spec)))
     return bad
 
 
