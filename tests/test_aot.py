@@ -12,9 +12,11 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 from train_toy_stage import ToyStage, toy_config  # noqa: E402
 
-from sgt_jax.train import aot, bench  # noqa: E402
+from sgt_jax.train import aot  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import bench_lib as bench  # noqa: E402  (tools/bench_lib.py: the dry run's build)
 _MISSING = aot.libtpu_missing_reason()
 needs_libtpu = pytest.mark.skipif(_MISSING is not None, reason=f"TPU compiler unavailable: {_MISSING}")
 

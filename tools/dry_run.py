@@ -95,9 +95,11 @@ def topology_main(specs, overrides) -> int:
     import platform
     import time
 
+    import bench_lib as bench  # tools/bench_lib.py: imports jax, so after JAX_PLATFORMS is set
     import jax
 
-    from sgt_jax.train import aot, bench
+    from sgt_jax.config import load_config, resolve_mesh_shape
+    from sgt_jax.train import aot
 
     try:
         devices = aot.topology_devices(_TOPOLOGY.value)
@@ -108,9 +110,7 @@ def topology_main(specs, overrides) -> int:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     reports, texts = [], []
     for spec in specs:
-        cfg = bench.apply_overrides(bench.load_config(spec), overrides)
-        from sgt_jax.config import resolve_mesh_shape
-
+        cfg = bench.apply_overrides(load_config(spec), overrides)
         mesh = resolve_mesh_shape(cfg.mesh.shape, n)
         dp = mesh[0] * mesh[1]
         if _PER_DEVICE.value > 0:
@@ -204,7 +204,8 @@ def main(argv):
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
         # Compile-only use needs no exclusive chip lock (/tmp/libtpu_lockfile): let dry runs run side by side.
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-        from sgt_jax.train import aot, bench
+        from sgt_jax.config import parse_assignments
+        from sgt_jax.train import aot
 
         try:
             aot.parse_topology(_TOPOLOGY.value)
@@ -213,7 +214,7 @@ def main(argv):
 
         overrides = []
         for s in _SET.value:
-            overrides += list(bench.parse_overrides(s).items())
+            overrides += list(parse_assignments(s).items())
         return topology_main(_CONFIGS.value, overrides)
     if "jax" in sys.modules:
         raise RuntimeError("jax was imported before the simulated device count could be set")
