@@ -47,7 +47,8 @@ def _objects(store, prefix):
 
 
 def test_smoke_run_writes_its_files_to_gs(fake_gcs, monkeypatch, tmp_path):
-    from sgt_jax.eval import geneval_eval, report, umm_eval, vq_eval
+    from sgt_jax.eval import geneval_eval, report, umm_results
+    from sgt_jax.train.stages import vq_eval
 
     # Checkpoints are Orbax's: it writes gs:// through tensorstore, which this fake cannot serve, so
     # they go to a local directory here (tests/test_train_checkpoint.py covers them).
@@ -78,8 +79,8 @@ def test_smoke_run_writes_its_files_to_gs(fake_gcs, monkeypatch, tmp_path):
     vq_eval.save_grid({"reconstruction": [np.stack(imgs[:2]), np.stack(imgs[2:])]}, f"{RUN}/eval/recon_grid.png")
     metrics = {"step": 8, "settings": {}, "splits": {"test": {"geneval": {"overall": 0.5,
                                                                            "samples": "geneval_test.png"}}}}
-    assert umm_eval.write_metrics(RUN, metrics) == f"{RUN}/eval/metrics.json"
-    assert umm_eval.read_metrics(RUN)["step"] == 8
+    assert umm_results.write_metrics(RUN, metrics) == f"{RUN}/eval/metrics.json"
+    assert umm_results.read_metrics(RUN)["step"] == 8
     md = report.write_report({"run": RUN}, "gs://sgt-test-bucket/report/report.md")
     files = _objects(fake_gcs, "gs://sgt-test-bucket")
     for name in ("run/eval/geneval_test.png", "run/eval/recon_grid.png", "report/report_losses.png"):
