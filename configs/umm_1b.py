@@ -109,6 +109,9 @@ def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
         c.optim.warmup_steps, c.optim.lr = 1, 1e-3
         c.checkpoint.every_steps = 100
         c.eval.every_steps, c.eval.num_examples = 0, 16
+        e = c.eval.umm  # a CPU smoke budget: proves every part runs, measures nothing
+        e.splits, e.mcq_items, e.geneval_prompts_per_tag, e.geneval_images_per_prompt = ("test",), 4, 1, 1
+        e.seg_images, e.probe_train_scenes, e.probe_test_scenes, e.probe_steps, e.attn_items = 2, 16, 8, 5, 2
         c.mesh.shape = (1, -1, 1)
         c.optim.grad_accum_steps = 1
         c.train.tensorboard = False
