@@ -116,6 +116,7 @@ def test_scan_unroll_keeps_the_logits():
 def test_bad_remat_and_attention_names_are_config_errors():
     cfg = config_lib.default_config()
     cfg.stage = "umm"
+    cfg = config_lib.finalize(cfg)  # check_config reads the derived fields (codebook size, code count)
     assert umm_lib.remat_setting(cfg) == "none"
     cfg.train.remat = True
     assert umm_lib.remat_setting(cfg) == "full"

@@ -50,12 +50,14 @@ def evaluate_detections(detections: Sequence[Mapping[str, Any]], spec: Mapping[s
         cls, count = req["class"], int(req["count"])
         found = by_class.get(cls, [])
         ok = True
-        if "color" in req and req["color"] is not None:
-            found = [d for d in found if d["color"] == req["color"]]
-        chosen = found[:count]
+        chosen = found[:count]  # GenEval: the most confident (here: largest) first, colour checked afterwards
         if len(chosen) < count:
             ok = False
-            reasons.append(f"expected {req.get('color', '') or ''} {cls}>={count}, found {len(found)}".replace("  ", " "))
+            reasons.append(f"expected {cls}>={count}, found {len(found)}")
+        elif req.get("color") is not None and sum(d["color"] == req["color"] for d in chosen) < count:
+            ok = False
+            reasons.append(f"expected {req['color']} {cls}>={count}, found "
+                           f"{sum(d['color'] == req['color'] for d in chosen)} {req['color']}")
         elif req.get("position"):
             rel, target = req["position"][0], int(req["position"][1])
             targets = groups[target] if target < len(groups) else None
