@@ -13,3 +13,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def load_tool():
+    """Import a script from tools/ as a module; the absl flags it defines are removed afterwards, so
+    two tests that load tools defining the same flag name (e.g. --workdir) work in any order."""
+    from absl import flags
+
+    added: list[str] = []
+
+    def load(name: str):
+        before = set(flags.FLAGS)
+        spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(_ROOT, "tools", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        added.extend(sorted(set(flags.FLAGS) - before))
+        return module
+
+    yield load
+    for name in added:
+        if name in flags.FLAGS:
+            delattr(flags.FLAGS, name)

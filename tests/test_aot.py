@@ -17,6 +17,7 @@ from sgt_jax.train import aot  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import bench_lib as bench  # noqa: E402  (tools/bench_lib.py: the dry run's build)
+
 _MISSING = aot.libtpu_missing_reason()
 needs_libtpu = pytest.mark.skipif(_MISSING is not None, reason=f"TPU compiler unavailable: {_MISSING}")
 

@@ -143,16 +143,8 @@ def test_cvbench_oracle_constant_and_blind_control(monkeypatch, policy):
     assert res["ci"]["count"][0] <= res["count"] <= res["ci"]["count"][1]
 
 
-def test_mcq_baselines_tool(capsys):
-    import importlib.util
-    import os
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("mcq_baselines_tool", os.path.join(root, "tools", "mcq_baselines.py"))
-    tool = importlib.util.module_from_spec(spec)
-    sys.modules["mcq_baselines_tool"] = tool
-    spec.loader.exec_module(tool)
+def test_mcq_baselines_tool(capsys, load_tool):
+    tool = load_tool("mcq_baselines")
     assert tool.main(["--per_task=8", "--splits=test"]) == 0
     out = capsys.readouterr().out
     assert "always A" in out and "chance" in out and "32 items" in out

@@ -281,14 +281,9 @@ def test_report_with_plots(tiny, suite_metrics, tmp_path):
     assert "Sample sizes: 3 items per CV-Bench task" in md
 
 
-def test_demo_report_points_to_the_full_result(tmp_path):
-    import importlib.util
-
+def test_demo_report_points_to_the_full_result(tmp_path, load_tool):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("demo_tool", os.path.join(root, "tools", "demo.py"))
-    demo = importlib.util.module_from_spec(spec)
-    sys.modules["demo_tool"] = demo
-    spec.loader.exec_module(demo)
+    demo = load_tool("demo")
     lines = "\n".join(demo.ablation_pointer())
     assert "results/shapes_ablation/" in lines
     summary = os.path.join(root, "results", "shapes_ablation", "summary.json")

@@ -1,6 +1,5 @@
 """Tool-level faults: a bad or empty --workdir is named as such (exit 2), prompts are checked, not
 cut, and a deleted data shard logs a few lines and a count rather than one per record."""
-import importlib.util
 import logging
 import os
 import subprocess
@@ -47,10 +46,8 @@ def test_empty_prompt_is_rejected(tmp_path):
     assert "--prompt #1 is empty" in out.stderr and "rejected rather than sampled unconditionally" in out.stderr
 
 
-def test_too_long_prompt_is_rejected_with_its_length_and_the_limit(caplog):
-    spec = importlib.util.spec_from_file_location("sample_tool", os.path.join(ROOT, "tools", "sample.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+def test_too_long_prompt_is_rejected_with_its_length_and_the_limit(caplog, load_tool):
+    tool = load_tool("sample")
     layout = seq.Layout(max_seq_len=48, num_vit_tokens=4, vit_image_size=16, num_codes=9, image_size=24,
                         text_weight=1.0, gen_weight=1.0, cond_dropout=0.0)
     builder = seq.SequenceBuilder(layout, seq.SpecialIds(bos=1, eos=2, pad=0, img=3, img_end=4, boi=5, eoi=6),

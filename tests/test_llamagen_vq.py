@@ -8,9 +8,7 @@ import os
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from sgt_jax.checks import prepare as validate  # finalize + every rule
@@ -46,22 +44,9 @@ def test_vq_stage_trains_the_llamagen_family():
     batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
     params, model_state = nn.meta.unbox(stage.init(jax.random.key(0), stage.dummy_batch(4)))
     assert "quant_conv" in params["encoder"] and "post_quant_conv" in params["decoder"]
-    tx = optax.adam(3e-3)
-    opt = tx.init(params)
+    from test_vq import adam_losses
 
-    @jax.jit
-    def step(params, opt, model_state, i):
-        (loss, (metrics, ms)), grads = jax.value_and_grad(stage.loss_fn, has_aux=True)(
-            params, model_state, batch, jax.random.key(0), i)
-        updates, opt = tx.update(grads, opt, params)
-        params = optax.apply_updates(params, updates)
-        params, ms = stage.post_update(params, ms, metrics, jax.random.fold_in(jax.random.key(1), i), i)
-        return params, opt, ms, loss
-
-    losses = []
-    for i in range(12):
-        params, opt, model_state, loss = step(params, opt, model_state, jnp.int32(i))
-        losses.append(float(loss))
+    losses, _ = adam_losses(stage, params, model_state, batch, steps=12)
     assert np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
 

@@ -134,19 +134,9 @@ def test_configs_validate():
     assert c.stage == "vq" and c.model.vq.downsample == 4
 
 
-def test_stage_smoke_training_lowers_loss():
-    from sgt_jax.data import shapes_world
-    from sgt_jax.train.stage import get_stage
-
-    cfg = prepare(vq_config("smoke"))
-    stage = get_stage(cfg)
-    world = shapes_world.WorldConfig(image_size=cfg.data.image_size)
-    transform = stage.example_transform("train")
-    rng = np.random.default_rng(0)
-    examples = [transform(shapes_world.generate_scene(i, world, "train"), rng) for i in range(8)]
-    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-    assert batch["image"].shape == stage.dummy_batch(8)["image"].shape
-    params, model_state = nn.meta.unbox(stage.init(jax.random.key(0), stage.dummy_batch(8)))
+def adam_losses(stage, params, model_state, batch, steps: int) -> tuple[list[float], dict]:
+    """Losses of `steps` Adam steps of a VQ stage on one fixed batch (loss_fn + post_update, as the loop
+    runs them), and the final model state."""
     tx = optax.adam(3e-3)
     opt = tx.init(params)
 
@@ -160,9 +150,26 @@ def test_stage_smoke_training_lowers_loss():
         return params, opt, ms, loss
 
     losses = []
-    for i in range(25):
+    for i in range(steps):
         params, opt, model_state, loss = step(params, opt, model_state, jnp.int32(i))
         losses.append(float(loss))
+    return losses, model_state
+
+
+def test_stage_smoke_training_lowers_loss():
+    from sgt_jax.data import shapes_world
+    from sgt_jax.train.stage import get_stage
+
+    cfg = prepare(vq_config("smoke"))
+    stage = get_stage(cfg)
+    world = shapes_world.WorldConfig(image_size=cfg.data.image_size)
+    transform = stage.example_transform("train")
+    rng = np.random.default_rng(0)
+    examples = [transform(shapes_world.generate_scene(i, world, "train"), rng) for i in range(8)]
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    assert batch["image"].shape == stage.dummy_batch(8)["image"].shape
+    params, model_state = nn.meta.unbox(stage.init(jax.random.key(0), stage.dummy_batch(8)))
+    losses, model_state = adam_losses(stage, params, model_state, batch, steps=25)
     assert np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < 0.6 * losses[0], losses
     assert float(model_state["usage"].sum()) > 0.5  # usage EMA tracked in model_state
