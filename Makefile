@@ -17,8 +17,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) tools/demo.py --workdir=runs/demo
 
+# Tests run in parallel worker processes (pytest-xdist; one per core, at most 4): the suite is
+# compile-bound and XLA:CPU compiles one program per process at a time.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check sgt_jax tools tests configs launch

@@ -37,7 +37,7 @@ setup(
         # 0.0.42.*), so the TPU compiler always matches the installed jax. The test extra takes it
         # too (a 213 MB wheel, ~1 min to install) so tests/test_aot.py compiles for TPU in CI
         # instead of skipping; on a CPU-only host libtpu only adds the compile-only TPU devices.
-        "test": ["pytest>=8,<10", "torch==2.13.0", "ruff>=0.6", "jax[tpu]>=0.10.2,<0.13"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "torch==2.13.0", "ruff>=0.6", "jax[tpu]>=0.10.2,<0.13"],
         # tools/convert_checkpoint.py --janus on the original DeepSeek layout (pytorch_model.bin)
         "convert": ["torch>=2.4,<3"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
