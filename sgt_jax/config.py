@@ -240,6 +240,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.best_metric = ""  # e.g. "eval/miou"; "" = keep latest only
     c.checkpoint.best_mode = "max"  # "max" | "min"
     c.checkpoint.async_save = True
+    # Save the starting state (fresh init or init_from) as step 0, as MaxText does: a run whose
+    # first updates diverge still leaves a finite checkpoint to restart from.
+    c.checkpoint.save_initial = True
 
     # ---- evaluation ----
     c.eval = ml_collections.ConfigDict()

@@ -4,10 +4,13 @@ A persistent JAX compilation cache (shared with the subprocesses tests start) ke
 many tests compile the same small programs.
 """
 import os
+import sys
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The suite is compile-bound (tiny shapes, many programs): LLVM's -O0 halves XLA:CPU compile time here.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from xla_env import xla_flags  # noqa: E402
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,7 +20,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 import importlib.util  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 

@@ -18,6 +18,7 @@ from sgt_jax.config import ConfigError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import bench_lib as bench  # noqa: E402  (tools/bench_lib.py: the library behind tools/bench.py and dry_run.py)
+from xla_env import xla_flags  # noqa: E402
 
 
 def test_variant_parsing_and_overrides():
@@ -101,7 +102,7 @@ def test_dry_run_abstract_compile_reports_memory():
 
 
 def _run_tool(args, timeout=240):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -7,6 +7,7 @@ import sys
 
 import ml_collections
 import pytest
+from xla_env import xla_flags
 
 from sgt_jax.checks import prepare, validate
 from sgt_jax.config import (
@@ -257,7 +258,7 @@ def test_experiment_configs_validate(path):
 
 
 def test_train_cli_rejects_bad_config_before_building(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "tests"), ROOT, env.get("PYTHONPATH", "")])
     cmd = [sys.executable, os.path.join(ROOT, "tools", "train.py"),
            "--config=" + os.path.join(ROOT, "tests", "train_toy_config.py"), f"--workdir={tmp_path / 'w'}",
@@ -269,7 +270,7 @@ def test_train_cli_rejects_bad_config_before_building(tmp_path):
 
 
 def _train_cli(tmp_path, *args):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     cmd = [sys.executable, os.path.join(ROOT, "tools", "train.py"), f"--workdir={tmp_path / 'w'}", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from train_toy_stage import ToyStage, toy_config
+from xla_env import xla_flags
 
 from sgt_jax.train import checkpoint as ckpt_lib
 from sgt_jax.train import mesh as mesh_lib
@@ -25,7 +26,7 @@ TESTS = os.path.join(ROOT, "tests")
 
 def _env(devices: int = 2) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT, env.get("PYTHONPATH", "")])
     return env
@@ -141,15 +142,25 @@ def test_lr_1e30_stops_with_a_finite_checkpoint_and_a_sane_resume_trains(tmp_pat
     assert res.metrics["train/total_skips"] == 0 and np.isfinite(res.metrics["train/loss"])
 
 
-def test_lr_1e30_from_scratch_leaves_no_garbage_checkpoint(tmp_path):
+def test_lr_1e30_from_scratch_stops_with_the_initial_checkpoint_left(tmp_path):
     out = _toy_main(tmp_path, "--config.optim.lr=1e30", config_arg="steps=40,every=2")
     text = out.stdout + out.stderr
     assert out.returncode == 3, text[-3000:]
     # Step 2 took the first full-lr update (finite, ~1e30) and was saved; nothing finite followed it.
     assert "Checkpoint step(s) [2] were followed only by non-finite steps" in text
-    assert "No finite checkpoint is left" in text
-    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert "The newest finite checkpoint is step 0" in text
+    # What is left is the starting state (step 0, saved before any update): finite and sane.
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["0"]
     assert [p.name.split("-")[0] for p in (tmp_path / ckpt_lib.REJECTED_DIR).iterdir()] == ["2"]
+    state, _, step = _restore(tmp_path / "checkpoints")
+    assert step == 0 and _finite_tree(state.params) and _finite_tree(state.opt_state)
+    assert max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(state.params)) < 1e3
+    # Re-running with a sane lr resumes from it and trains finite.
+    out = _toy_main(tmp_path, config_arg="steps=6,every=2")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "resumed from" in out.stderr + out.stdout
+    state, _, step = _restore(tmp_path / "checkpoints")
+    assert step == 6 and _finite_tree(state.params)
 
 
 def test_a_non_finite_update_is_never_applied():
@@ -254,10 +265,11 @@ def test_corrupt_json_names_the_file_and_falls_back(tmp_path, caplog, victim):
 
 def test_corrupt_json_of_the_only_checkpoint_exits_2_naming_it(tmp_path):
     wd = tmp_path / "run"
-    assert _toy_main(wd, config_arg="steps=4,every=4").returncode == 0
+    no_step0 = "--config.checkpoint.save_initial=False"  # step 4 is the only checkpoint
+    assert _toy_main(wd, no_step0, config_arg="steps=4,every=4").returncode == 0
     bad = wd / "checkpoints" / "4" / "state" / "_METADATA"
     bad.write_text("{not json")
-    out = _toy_main(wd, config_arg="steps=8,every=4")
+    out = _toy_main(wd, no_step0, config_arg="steps=8,every=4")
     text = out.stdout + out.stderr
     assert out.returncode == 2, text[-3000:]
     assert "cannot resume" in text and str(bad) in text and "no step verifies" in text
@@ -280,7 +292,7 @@ def test_resume_with_another_model_shape_names_paths_and_fields(tmp_path, monkey
     assert "params/hidden/kernel: checkpoint (8, 32) vs model (8, 48)" in msg
     assert "config fields that differ from the run's: model.vq.width=128 -> 48" in msg
     assert "strict" not in msg
-    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["4"]  # nothing moved or pruned
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["0", "4"]  # nothing moved or pruned
 
 
 def test_resuming_a_good_checkpoint_with_a_broken_lr_keeps_it(tmp_path):
@@ -293,7 +305,7 @@ def test_resuming_a_good_checkpoint_with_a_broken_lr_keeps_it(tmp_path):
     broken.train.steps, broken.optim.lr = 20, 1e39  # every update is inf: none is ever applied
     with pytest.raises(TrainingDiverged, match="newest finite checkpoint is step 4"):
         train(broken, str(wd), stage=ToyStage(broken))
-    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["4"]
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["0", "4"]
     assert not (wd / ckpt_lib.REJECTED_DIR).exists()
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from xla_env import xla_flags
 
 from sgt_jax.data import pipeline, records
 from sgt_jax.data import sequences as seq
@@ -15,7 +16,7 @@ TESTS = os.path.join(ROOT, "tests")
 
 
 def _tool(name, *args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1),
                PYTHONPATH=os.pathsep.join([TESTS, ROOT, os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args], env=env, capture_output=True,
                           text=True, timeout=300, cwd=ROOT)

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 from train_toy_stage import ToyStage, toy_config
+from xla_env import xla_flags
 
 from sgt_jax.train import checkpoint as ckpt_lib
 from sgt_jax.train import mesh as mesh_lib
@@ -31,7 +32,7 @@ def _assert_bitwise(a, b):
 
 def _subprocess_env(devices: int) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT, env.get("PYTHONPATH", "")])
     return env
@@ -136,8 +137,8 @@ def test_sigterm_saves_then_exits(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     ckdir = workdir / "checkpoints"
     steps = sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
-    assert len(steps) == 1, steps  # exactly the preemption save
-    last = steps[0]
+    assert len(steps) == 2 and steps[0] == 0, steps  # the starting state, then exactly the preemption save
+    last = steps[1]
     assert last >= seen_step and f"preempted at step {last}" in out
     # Restorable, including the data iterator.
     cfg = toy_config(tensorboard=False)

@@ -237,11 +237,12 @@ class Checkpointer:
 
     # ---- save / restore ----
     def save(self, step: int, state: TrainState, data_iter=None, *, metadata: dict | None = None,
-             metrics: dict | None = None, force: bool = False) -> bool:
+             metrics: dict | None = None, force: bool = False, confirmed: bool = False) -> bool:
         """Queue an async save of everything at `step`; returns whether a save was started.
 
         A state with non-finite params or optimizer state is never written (it would only be
-        something to fall back from)."""
+        something to fall back from). `confirmed`: the state is known good without a later finite
+        update (the run's starting state), so it counts for `keep` at once."""
         _, save_cls, _ = _grain_handler()
         tree = state.to_tree()
         integrity = state_integrity(tree) if self.verify else None
@@ -262,7 +263,8 @@ class Checkpointer:
             metrics = {k: float(v) for k, v in metrics.items()}
             if self.best_metric and self.best_metric not in metrics:
                 metrics = None
-        self.unconfirmed.add(int(step))
+        if not confirmed:
+            self.unconfirmed.add(int(step))
         return self.manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
     def restore(self, abstract_state: TrainState, step: int | None = None, data_iter=None

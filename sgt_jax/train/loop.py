@@ -195,6 +195,11 @@ def _train_locked(cfg, workdir, stage, total_steps, stop_at, global_batch, base_
     resumed_from = latest
     last_saved = latest
     prev_metrics = None
+    if latest is None and cfg.checkpoint.save_initial and step == 0:
+        # The starting state is good by definition (no update made it): confirmed at once, so a run
+        # whose first updates diverge still has it to restart from.
+        if ckpt.save(0, state, data_iter, metadata=metadata, confirmed=True):
+            last_saved = 0
 
     def run_eval(st, at):
         res = stage.evaluate(st.eval_params(), st.model_state, step=at, workdir=workdir) or {}
