@@ -41,6 +41,26 @@ def check_paths(cfg: ml_collections.ConfigDict) -> None:
     tok = str(cfg.data.tokenizer_dir)
     if tok and "://" not in tok and not os.path.exists(os.path.join(os.path.expanduser(tok), "tokenizer.json")):
         raise config.ConfigError(f"config field 'data.tokenizer_dir' = {tok!r} has no tokenizer.json")
+    check_tokenizer_fits(cfg)
+
+
+def check_tokenizer_fits(cfg: ml_collections.ConfigDict) -> None:
+    """A UMM's embedding table must cover its tokenizer (with the image-span tokens it gains). Checked
+    here, before the workdir is touched, whenever the tokenizer already exists on local disk (given by
+    `data.tokenizer_dir`, or Shapes World's, built next to the data by an earlier stage)."""
+    if cfg.stage != "umm":
+        return
+    path = datasets.tokenizer_dir_for(cfg)
+    if "://" in path or not os.path.exists(os.path.join(path, "tokenizer.json")):
+        return  # built on first use (Shapes World) or read remotely: the stage checks it when loading
+    from sgt_jax.data import tokenizer  # transformers, only when there is a tokenizer to read
+
+    n = len(tokenizer.load_tokenizer(path))
+    vocab = int(cfg.model.umm.llm.vocab_size)
+    if n > vocab:
+        raise config.ConfigError(
+            f"config field 'model.umm.llm.vocab_size' = {vocab} is smaller than the tokenizer at {path!r} "
+            f"({n} ids with the image-span tokens); allowed: >= {n} (or another data.tokenizer_dir)")
 
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, *,

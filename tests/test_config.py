@@ -314,3 +314,16 @@ def test_cli_override_of_a_field_a_config_derives_from(tmp_path):
         outs.append(tuple(int(x) for x in out.stdout.split()))
     assert outs == [(142 * 32, 142), (142 * 32, 71)]  # same examples, half the steps
 
+
+
+def test_a_tokenizer_larger_than_the_vocab_is_rejected_before_the_workdir(tmp_path):
+    """The embedding table must cover the tokenizer: checked before anything is written."""
+    import janus_fixture as jf
+
+    tok = tmp_path / "tok"
+    jf.make_tokenizer(tok)
+    out = _train_cli(tmp_path, f"--config={os.path.join(ROOT, 'configs', 'umm_1b.py')}:smoke,tokenizer={tok}",
+                     "--config.model.umm.llm.vocab_size=64")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "'model.umm.llm.vocab_size' = 64 is smaller than the tokenizer" in out.stderr
+    assert not (tmp_path / "w").exists()
