@@ -1,0 +1,26 @@
+#!/bin/bash
+# Issue 12 search, step 1: does the quick-profile base learn if it trains longer? A learning curve.
+set -e
+cd /work/main
+PY=.venv/bin/python
+S=runs/search
+D=$S/data
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 JAX_PLATFORMS=cpu JAX_COMPILATION_CACHE_DIR=$S/.jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+t0=$(date +%s)
+[ -e $S/.data_done ] || { $PY tools/build_dataset.py --dataset=shapes_world --data_dir=$D && touch $S/.data_done; }
+echo "data $(( $(date +%s)-t0 )) s"
+[ -e $S/.vq_done ] || { $PY tools/train.py --config=configs/vq_shapes.py:f8 --workdir=$S/vq --config.data.data_dir=$D && touch $S/.vq_done; }
+echo "vq $(( $(date +%s)-t0 )) s"
+STEPS=${STEPS:-1200}
+B=$S/base_$STEPS
+$PY tools/train.py --config=configs/base_shapes.py:vq=$S/vq,vqarg=f8,steps=$STEPS --workdir=$B \
+  --config.data.data_dir=$D --config.checkpoint.every_steps=300 --config.checkpoint.keep=20 > $S/base_$STEPS.log 2>&1
+echo "base $(( $(date +%s)-t0 )) s"
+for step in $(ls $B/checkpoints | grep -E '^[0-9]+$' | sort -n); do
+  [ "$step" = 0 ] && continue
+  [ -e $S/eval_${STEPS}_$step.json ] && continue
+  $PY tools/evaluate.py --workdir=$B --step=$step --data_dir=$D "--config.eval.umm.parts=('cvbench',)" \
+    "--config.eval.umm.splits=('test',)" --config.eval.umm.mcq_items=128 > $S/eval_${STEPS}_$step.log 2>&1
+  cp $B/eval/metrics.json $S/eval_${STEPS}_$step.json
+  echo "eval $step $(( $(date +%s)-t0 )) s"
+done
