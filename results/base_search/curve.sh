@@ -1,7 +1,8 @@
 #!/bin/bash
 # Issue 12 search, step 1: does the quick-profile base learn if it trains longer? A learning curve.
 set -e
-cd /work/main
+# Outputs go to runs/search/ (ignored); the eval JSONs were copied to results/base_search/.
+cd "$(dirname "$0")/../.."  # the repo root
 PY=.venv/bin/python
 S=runs/search
 D=$S/data
