@@ -17,7 +17,7 @@ from typing import Callable
 import ml_collections
 
 from sgt_jax import config
-from sgt_jax.data import datasets, render
+from sgt_jax.data import datasets, render, tokenizer
 from sgt_jax.models import umm, vq
 
 Check = Callable[[ml_collections.ConfigDict], None]
@@ -53,14 +53,7 @@ def check_tokenizer_fits(cfg: ml_collections.ConfigDict) -> None:
     path = datasets.tokenizer_dir_for(cfg)
     if "://" in path or not os.path.exists(os.path.join(path, "tokenizer.json")):
         return  # built on first use (Shapes World) or read remotely: the stage checks it when loading
-    from sgt_jax.data import tokenizer  # transformers, only when there is a tokenizer to read
-
-    n = len(tokenizer.load_tokenizer(path))
-    vocab = int(cfg.model.umm.llm.vocab_size)
-    if n > vocab:
-        raise config.ConfigError(
-            f"config field 'model.umm.llm.vocab_size' = {vocab} is smaller than the tokenizer at {path!r} "
-            f"({n} ids with the image-span tokens); allowed: >= {n} (or another data.tokenizer_dir)")
+    tokenizer.check_vocab_covers(tokenizer.load_tokenizer(path), cfg.model.umm.llm.vocab_size, path)
 
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, *,

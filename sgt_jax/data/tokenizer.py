@@ -15,6 +15,7 @@ from typing import Iterable
 
 from etils import epath
 
+from sgt_jax.config import ConfigError
 from sgt_jax.data import text
 
 # Role -> token text used when a tokenizer lacks that role. Sequences are built explicitly by the
@@ -174,3 +175,11 @@ def special_token_ids(tok) -> dict[str, int]:
             raise ValueError(f"tokenizer has no {SPECIAL_TOKENS[role]} token; load it with load_tokenizer()")
         ids[role] = vocab[SPECIAL_TOKENS[role]]
     return {k: int(v) for k, v in ids.items()}
+
+
+def check_vocab_covers(tok, vocab_size: int, path: str) -> None:
+    """A UMM's embedding table must cover the tokenizer, image-span tokens included."""
+    if len(tok) > int(vocab_size):
+        raise ConfigError(
+            f"config field 'model.umm.llm.vocab_size' = {int(vocab_size)} is smaller than the tokenizer at {path!r} "
+            f"({len(tok)} ids with the image-span tokens); allowed: >= {len(tok)} (or another data.tokenizer_dir)")

@@ -195,7 +195,7 @@ def _train_locked(cfg, workdir, stage, total_steps, stop_at, global_batch, base_
     resumed_from = latest
     last_saved = latest
     prev_metrics = None
-    if latest is None and cfg.checkpoint.save_initial and step == 0:
+    if latest is None and cfg.checkpoint.save_initial:
         # The starting state is good by definition (no update made it): confirmed at once, so a run
         # whose first updates diverge still has it to restart from.
         if ckpt.save(0, state, data_iter, metadata=metadata, confirmed=True):

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgt_jax.data import datasets, pipeline, sequences
+from sgt_jax.data import datasets, pipeline, sequences, tokenizer
 from sgt_jax.data.mixture import Mixture
 from sgt_jax.models import umm as umm_lib
 from sgt_jax.models import vq as vq_lib
@@ -205,9 +205,7 @@ class UMMStage(BaseStage):
 
         if self.mixture.transforms is None:
             tok = datasets.load_dataset_tokenizer(self.cfg)
-            if len(tok) > self.mcfg.llm.vocab_size:
-                raise ValueError(f"the tokenizer has {len(tok)} ids but config field 'model.umm.llm.vocab_size' = "
-                                 f"{self.mcfg.llm.vocab_size}; it must cover the tokenizer")
+            tokenizer.check_vocab_covers(tok, self.mcfg.llm.vocab_size, datasets.tokenizer_dir_for(self.cfg))
             self.mixture = sequences.make_task_transforms(self.cfg, tok)
         return self.mixture
 
