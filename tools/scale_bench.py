@@ -46,6 +46,19 @@ class LMShape:
 SMALL = LMShape(vocab=512, width=64, depth=2, heads=2, kv_heads=2, head_dim=32, mlp=128)
 
 
+def _interleaved(first, second, rounds: int) -> tuple[list[float], list[float]]:
+    """Wall seconds of `first()` and `second()` called alternately `rounds` times (noise hits both)."""
+    a, b = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        first()
+        a.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        second()
+        b.append(time.perf_counter() - t0)
+    return a, b
+
+
 def _median_ms(times: list[float]) -> float:
     return 1e3 * statistics.median(times)
 
@@ -104,15 +117,14 @@ def llm_vs_torch(shape: LMShape, *, batch: int, seq: int, steps: int, warmup: in
         params, opt, loss = jax_step(params, opt, tokens)
         jax.block_until_ready(loss)
         torch_step()
-    jt, tt = [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        torch_step()
-        tt.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        params, opt, loss = jax_step(params, opt, tokens)
+    state = [params, opt]
+
+    def jax_call():
+        state[0], state[1], loss = jax_step(state[0], state[1], tokens)
         jax.block_until_ready(loss)
-        jt.append(time.perf_counter() - t0)
+
+    tt, jt = _interleaved(torch_step, jax_call, steps)
+    params = state[0]
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     tok = batch * seq
     return {"params": n_params, "batch": batch, "seq": seq, "steps": steps, "jax_ms": _median_ms(jt),
@@ -158,14 +170,7 @@ def sampler_vs_hf(shape: LMShape, *, images: int, prompt_len: int, num_codes: in
                                do_sample=True, use_cache=True, pad_token_id=0, top_k=0)
 
     hf_call()
-    jt, ht = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        hf_call()
-        ht.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        call()
-        jt.append(time.perf_counter() - t0)
+    ht, jt = _interleaved(hf_call, call, rounds)
     return {"images": images, "rows": rows, "prompt_len": prompt_len, "num_codes": n, "rounds": rounds,
             "jax_s": statistics.median(jt), "hf_s": statistics.median(ht),
             "jax_img_s": images / statistics.median(jt), "hf_img_s": images / statistics.median(ht),
