@@ -252,3 +252,27 @@ def test_gathered_text_loss_positions_give_the_same_loss(tok_dir):
         if not dropped:
             np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
             np.testing.assert_allclose(float(m["text_acc"]), float(ref["text_acc"]), rtol=1e-6)
+
+
+def test_analytic_flops_follow_the_gathered_lm_head(tok_dir):
+    """The stage's analytic FLOPs charge the LM head only at the gathered text-loss positions: the
+    drop from every position to k positions matches XLA's own count of the lowered loss."""
+    cfg = _smoke("base_shapes", "smoke", tok_dir)
+    stage = InMemoryUMMStage(cfg)
+    batch = _fixed_batch(stage)
+    params = jax.eval_shape(lambda: stage.init(jax.random.key(0), batch)[0])
+    import flax.linen as nn
+
+    from sgt_jax.models import umm as umm_lib
+
+    params = nn.unbox(params)
+    b, length = batch["tokens"].shape
+    k = 8
+    xla, analytic = {}, {}
+    for positions in (0, k):
+        cfg.model.umm.text_loss_positions = positions
+        st = UMMStage(cfg)
+        xla[positions] = float(jax.jit(st.losses).lower(params, batch).cost_analysis()["flops"])
+        analytic[positions] = b * umm_lib.flops_per_row(st.mcfg, length, positions)
+    assert 0 < k < length
+    assert analytic[0] - analytic[k] == pytest.approx(xla[0] - xla[k], rel=0.15)

@@ -323,10 +323,12 @@ def dummy_inputs(cfg: UMMConfig, batch: int, seq_len: int) -> dict:
     }
 
 
-def flops_per_row(cfg: UMMConfig, seq_len: int) -> float:
-    """Forward matmul FLOPs (2 x MACs) of one training row of `seq_len` positions: the decoder and
-    the LM head at every position, the generation head at the `num_codes` positions that predict a
-    code (the loss gathers them before the head).
+def flops_per_row(cfg: UMMConfig, seq_len: int, text_positions: int = 0) -> float:
+    """Forward matmul FLOPs (2 x MACs) of one training row of `seq_len` positions: the decoder at
+    every position, the LM head where the loss gathers it (`text_positions` per row, as
+    `model.umm.text_loss_positions`; 0 = every position) and the generation head at the `num_codes`
+    positions that predict a code. These are the FLOPs the step computes, whatever the row's task:
+    an understanding row still runs the gathered generation head (its loss is masked).
 
     Under MoT the text weights run at every position and the generation weights at the routed
     `num_codes + 1` positions (codes and <boi>). Causal attention is counted at half of the full
@@ -339,5 +341,6 @@ def flops_per_row(cfg: UMMConfig, seq_len: int) -> float:
     attn = 2 * 2 * seq_len * c.num_heads * c.head_dim / 2
     text_head = 2 * c.width * c.vocab_size
     gen_head = 2 * (c.width * cfg.gen_head_dim + cfg.gen_head_dim * cfg.codebook_size)
-    return float(c.depth * (routed * (proj + mlp) + seq_len * attn) + seq_len * text_head
+    head_rows = text_positions if 0 < text_positions < seq_len else seq_len
+    return float(c.depth * (routed * (proj + mlp) + seq_len * attn) + head_rows * text_head
                  + cfg.num_codes * gen_head)

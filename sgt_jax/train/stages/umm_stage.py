@@ -158,12 +158,12 @@ class UMMStage(BaseStage):
 
     # -- FLOPs ----------------------------------------------------------------------------------
     def flops_per_example(self) -> float:
-        """Training FLOPs of one row: 3 x forward for trained parts (decoder + LM head over all L
-        positions, generation head over the code positions, ViT + adapter, code adapter), 1 x
+        """Training FLOPs of one row: 3 x forward for trained parts (decoder over all L positions, LM
+        head over the gathered text-loss positions, generation head over the code positions, ViT + adapter, code adapter), 1 x
         forward for a frozen ViT, plus the frozen VQ encoder's forward once (counted by XLA's cost
         analysis of the lowered encoder)."""
         c, L = self.mcfg, self.layout.max_seq_len
-        llm = umm_lib.flops_per_row(c, L)
+        llm = umm_lib.flops_per_row(c, L, int(self.cfg.model.umm.text_loss_positions))
         vit = vit_flops_per_image(c.vit) + 2 * c.num_vit_tokens * (c.vit.width * c.und_adapter_dim
                                                                     + c.und_adapter_dim * c.llm.width)
         gen_in = 2 * c.num_codes * (c.gen_embed_dim * c.gen_adapter_dim + c.gen_adapter_dim * c.llm.width)
