@@ -276,3 +276,30 @@ def test_analytic_flops_follow_the_gathered_lm_head(tok_dir):
         analytic[positions] = b * umm_lib.flops_per_row(st.mcfg, length, positions)
     assert 0 < k < length
     assert analytic[0] - analytic[k] == pytest.approx(xla[0] - xla[k], rel=0.15)
+
+
+def test_grad_balance_tool_measures_the_weighted_terms(tok_dir, load_tool):
+    """tools/grad_balance.py: |g_gen| follows data.gen_loss_weight and |g_text| does not; the
+    text-token shares of MCQ answers and captions add up to the understanding rows' share."""
+    gb = load_tool("grad_balance")
+    cfg = _smoke("post_shapes", "proxy=segmentation,smoke", tok_dir)
+    stage = InMemoryUMMStage(cfg)
+    batch = _fixed_batch(stage)
+    import flax.linen as nn
+
+    params = nn.unbox(jax.jit(stage.init)(jax.random.key(0), batch)[0])
+    rows = []
+    for weight in (1.0, 2.0):
+        cfg.data.gen_loss_weight = weight
+        st = UMMStage(cfg)
+        rows.append(gb.batch_row(gb.balance_fn(st), params["umm"], params["vq"], batch, cfg))
+    one, two = rows
+    assert one["g_text"] > 0 and one["g_gen"] > 0 and -1.0 <= one["cosine"] <= 1.0
+    assert two["g_gen"] == pytest.approx(2 * one["g_gen"], rel=1e-5)
+    assert two["g_text"] == pytest.approx(one["g_text"], rel=1e-6)
+    assert two["cosine"] == pytest.approx(one["cosine"], abs=1e-5)
+    und = np.asarray(batch["task"]) == TASKS.index("understanding")
+    counts = (np.asarray(batch["text_loss_weight"]) > 0).sum(1)
+    assert one["mcq_rows"] + one["caption_rows"] == int(und.sum())
+    assert one["mcq_token_share"] + one["caption_token_share"] == pytest.approx(counts[und].sum() / counts.sum())
+    assert "| 0 |" in gb.table(rows)
