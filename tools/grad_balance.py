@@ -104,7 +104,8 @@ def table(rows: list[dict]) -> str:
             "| MCQ share of text tokens | caption share |")
     out = [head, "|" + "---:|" * 11]
     for r in rows:
-        out.append(f"| {r['batch']} | {r['g_text']:.3g} | {r['g_gen']:.3g} | {'n/a' if r['gen_over_text'] is None else f"{r['gen_over_text']:.2f}"} | {r['cosine']:.3f} "
+        ratio = "n/a" if r["gen_over_text"] is None else f"{r['gen_over_text']:.2f}"
+        out.append(f"| {r['batch']} | {r['g_text']:.3g} | {r['g_gen']:.3g} | {ratio} | {r['cosine']:.3f} "
                    f"| {r['text_tokens']} | {r['code_tokens']} | {r['mcq_rows']} | {r['caption_rows']} "
                    f"| {100 * r['mcq_token_share']:.1f}% | {100 * r['caption_token_share']:.1f}% |")
     return "\n".join(out)
