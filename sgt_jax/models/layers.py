@@ -251,9 +251,14 @@ def _splash_local(q, k, v, seg, causal: bool, interpret: bool):
     return jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=sk.SegmentIds(q=s, kv=s)))(q, k, v, seg)
 
 
+SPLASH_BLOCK = 128  # splash's smallest TPU block: sequences are padded up to a multiple of it
+
+
 def splash_attention(q, k, v, spec: AttnSpec):
     """Pallas splash attention (TPU; interpreted elsewhere, for tests). Lengths become segment ids
-    (0 = padding), so one kernel covers padded and packed rows. Needs Lq == Lk.
+    (0 = padding), so one kernel covers padded and packed rows. Needs Lq == Lk; a length that is not
+    a multiple of SPLASH_BLOCK is padded with segment-0 positions (queries there are discarded, and
+    no real query sees them), so the ViT's 576 tokens run the kernel too.
 
     Under a mesh the kernel runs per shard (`jax.shard_map`): batch and heads split as the logical
     rules split `batch` and `heads`; K/V follow `kv_heads`, or are repeated to the query heads when
@@ -267,6 +272,12 @@ def splash_attention(q, k, v, spec: AttnSpec):
         lengths = spec.kv_lengths if spec.kv_lengths is not None else jnp.full((b,), length, jnp.int32)
         seg = (jnp.arange(length)[None, :] < lengths[:, None]).astype(jnp.int32)
     seg = seg.astype(jnp.int32)
+    pad = -length % SPLASH_BLOCK
+    if pad:  # e.g. SigLIP's 576 tokens -> 640: the added positions are segment 0 (padding), cut after
+        widen = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(x, widen) for x in (q, k, v))
+        seg = jnp.pad(seg, ((0, 0), (0, pad)))
+        return splash_attention(q, k, v, spec.replace(segment_ids=seg, kv_lengths=None))[:, :length]
     qt = jnp.swapaxes(q * jnp.asarray(d ** -0.5, q.dtype), 1, 2)  # [B, H, L, D]; splash does not scale
     kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     mesh = jax.sharding.get_abstract_mesh()
@@ -294,14 +305,13 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec,
     """Grouped-query attention by `spec.impl`; the explicit path whenever probabilities are asked for.
 
     q: [B, Lq, H, D]; k, v: [B, Lk, KVH, D]. Returns ([B, Lq, H, D], probs [B, H, Lq, Lk] or None).
-    Single-query decode steps, and sequences not a multiple of 128 (splash's smallest TPU block;
-    e.g. SigLIP's 576 tokens), use XLA; so does "cudnn" off GPU or in float32 (cuDNN's fused
-    attention takes bf16 / fp16 only).
+    Single-query decode steps (and any Lq != Lk) use XLA under "splash"; so does "cudnn" off GPU or
+    in float32 (cuDNN's fused attention takes bf16 / fp16 only).
     """
     impl = check_impl(spec.impl)
     if return_probs or impl == "explicit":
         return explicit_attention(q, k, v, spec, return_probs)
-    if impl == "splash" and q.shape[1] == k.shape[1] and q.shape[1] % 128 == 0:
+    if impl == "splash" and q.shape[1] == k.shape[1] > 1:
         return splash_attention(q, k, v, spec), None
     cudnn = impl == "cudnn" and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
     return fused_attention(q, k, v, spec, "cudnn" if cudnn else "xla"), None
