@@ -393,18 +393,35 @@ def parse_assignments(text: str) -> dict[str, Any]:
     return out
 
 
+def unknown_field(cfg: ml_collections.ConfigDict, key: str, value: Any) -> str | None:
+    """The error line for a dotted field `key` that `cfg` lacks (naming the field, the value, the
+    closest valid name and what its section holds), or None when the field exists."""
+    node, walked = cfg, []
+    for part in key.split("."):
+        if isinstance(node, ml_collections.ConfigDict) and part in node:
+            node = node[part]
+            walked.append(part)
+            continue
+        where = ".".join(walked)
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"unknown config field '{key}' (value {value!r}): '{where}' is a value, not a section"
+        allowed = sorted(node.keys())
+        return (f"unknown config field '{key}' (value {value!r}){_closest(part, allowed)}; "
+                f"fields of '{where or 'the config'}': {allowed}")
+    return None
+
+
 def set_fields(cfg: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """Set dotted fields in place ({"optim.lr": 3e-4}); each must exist. For programs that build
     config variants (bench, dry run) the way `--config.x=` flags do."""
     for key, value in values.items():
+        bad = unknown_field(cfg, key, value)
+        if bad:
+            raise ConfigError(bad)
         *sections, leaf = key.split(".")
         node = cfg
-        for i, s in enumerate(sections):
-            if not isinstance(node, ml_collections.ConfigDict) or s not in node:
-                raise ConfigError(f"unknown config field '{'.'.join(sections[:i + 1])}' (in {key}={value!r})")
+        for s in sections:
             node = node[s]
-        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise ConfigError(f"unknown config field '{key}' (value {value!r})")
         if isinstance(node[leaf], bool) and isinstance(value, str) and value.lower() in ("true", "false"):
             value = value.lower() == "true"
         if isinstance(node[leaf], float) and isinstance(value, int) and not isinstance(value, bool):

@@ -35,6 +35,24 @@ def test_bad_and_empty_workdirs_are_named(tmp_path, tool):
     assert "there is no run there" in empty.stderr and "--config is required" not in empty.stderr
 
 
+@pytest.mark.parametrize("tool,override,names", [
+    ("train.py", "--config.optm.lr=1", ["'optm.lr'", "did you mean 'optim'?"]),
+    ("train.py", "--config.optim.lr.x=1", ["'optim.lr.x'", "'optim.lr' is a value"]),
+    ("evaluate.py", "--config.eval.umm.out_dir=x", ["'eval.umm.out_dir'", "fields of 'eval.umm'", "'mcq_items'"]),
+])
+def test_an_unknown_config_field_is_named_before_anything_is_written(tmp_path, tool, override, names):
+    """A --config.x override of a field the config lacks: exit 2, one line naming the field, the
+    value and what the section holds (ml_collections' own error is a traceback, exit 1)."""
+    work = tmp_path / "run"
+    args = ["--config=configs/vq_shapes.py:smoke"] if tool == "train.py" else []
+    out = _tool(tool, *args, f"--workdir={work}", override)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "unknown config field" in out.stderr
+    for name in names:
+        assert name in out.stderr, out.stderr
+    assert not work.exists()
+
+
 def test_empty_prompt_is_rejected(tmp_path):
     from train_toy_stage import ToyStage, toy_config
 

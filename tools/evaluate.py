@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from sgt_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     "config", os.path.join(ROOT, "configs", "defaults.py"),
     "Experiment config file (path[:arg]); default: the config the UMM run saved.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/ (also where eval/ goes).")
