@@ -33,6 +33,7 @@ STAGES = ("vq", "umm")
 PROXIES = ("segmentation", "semantic", "depth", "edge", "reconstruction", "mae")
 TASKS = ("understanding", "t2i") + tuple(f"proxy_{p}" for p in PROXIES)
 MESH_AXES = ("data", "fsdp", "tensor")
+WORLDS = ("full", "simple")  # Shapes World contents by name (sgt_jax/data/shapes_world.WORLD_PRESETS)
 SPLITS = ("train", "validation", "test", "heldout")  # Shapes World splits (sgt_jax/data/shapes_world.py)
 EVAL_PARTS = ("cvbench", "geneval", "segmentation", "probes", "attention")  # eval.umm.parts
 # Structural tokens of each task row besides its image spans and text (laid out by
@@ -63,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.image_size = 64
     c.data.min_objects = 1
     c.data.max_objects = 4
+    c.data.world = "full"  # WORLDS: "simple" = 4 shapes, 4 colours, flat on plain (Shapes World only)
     c.data.train_size = 4096
     c.data.validation_size = 256
     c.data.test_size = 256
@@ -563,6 +565,7 @@ _CHOICES: dict[str, Sequence[Any]] = {
     "checkpoint.best_mode": ("max", "min"),
     "eval.umm.mcq_method": ("likelihood", "generate", "both"),
     "data.mixing": ("rows", "batches"),
+    "data.world": WORLDS,
 }
 # Tuple fields whose every element comes from a fixed set.
 _ELEMENT_CHOICES: dict[str, Sequence[Any]] = {

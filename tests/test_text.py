@@ -161,3 +161,47 @@ def test_training_questions_use_the_evaluation_layouts():
             elif q["task"] in ("depth_order", "distance"):
                 assert len(q["choices"]) == 2
     assert kinds == {"objects", "shape"}
+
+
+def test_the_simple_world_draws_and_asks_only_its_own_contents():
+    """data.world="simple": scenes hold only its shapes, colours and sizes, flat on a plain
+    background; questions never ask about a shape it cannot contain (a blind "0"); the balanced
+    set still fills its quotas; its dataset and tokenizer live in their own directories."""
+    from sgt_jax import checks
+    from sgt_jax import config as config_lib
+    from sgt_jax.data import datasets, tfds_shapes_world
+    from sgt_jax.eval import cvbench
+
+    cfg = config_lib.default_config()
+    cfg.data.image_size, cfg.data.world = 32, "simple"
+    world = sw.WorldConfig.from_config(cfg)
+    preset = sw.WORLD_PRESETS["simple"]
+    assert world.shapes == preset["shapes"] and world.image_size == 32
+    rng = np.random.default_rng(0)
+    asked = set()
+    for i in range(40):
+        scene = sw.generate_scene(i, world, "train")
+        assert scene["background_texture"] == "plain"
+        for o in sw.scene_objects(scene):
+            assert o["shape"] in preset["shapes"] and o["color"] in preset["colors"]
+            assert o["size"] in preset["sizes"] and o["texture"] == "flat"
+        for q in text.mcq_questions(scene, rng, world):
+            if q["task"] == "attribute":
+                assert set(q["choices"]) <= set(preset["shapes"]) | set(preset["colors"]), q
+            m = re.match(r"How many (\w+) are", q["question"])
+            if m:
+                asked.add(m.group(1))
+    plurals = {sw.PLURALS[s] for s in preset["shapes"]}
+    assert asked and asked <= plurals | {"objects"}
+    items = cvbench.mcq_items(world, "test", per_task=24)
+    assert len(items) == 4 * 24
+    base = cvbench.constant_baselines(items)
+    chance = cvbench.score_predictions(items, [0] * len(items))["chance"]
+    for rule in ("always A", "always B", "always the smallest number", "always the largest number"):
+        for task in ("count", "relation"):
+            assert base[rule][task] == pytest.approx(chance[task]), (rule, task)
+    assert "_simple_" in tfds_shapes_world.config_from(cfg).name
+    assert "_simple_" in datasets.tokenizer_dir_for(cfg, "/data")
+    cfg.data.world = "tiny"
+    with pytest.raises(config_lib.ConfigError, match=r"data\.world.*'tiny'.*full.*simple"):
+        checks.prepare(cfg)

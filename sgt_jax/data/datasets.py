@@ -17,7 +17,7 @@ from absl import logging
 from etils import epath
 
 from sgt_jax.config import ConfigError
-from sgt_jax.data import tokenizer
+from sgt_jax.data import shapes_world, tokenizer
 from sgt_jax.data.records import RecordSource
 
 DATA_DIR_ENV = "SGT_DATA_DIR"
@@ -42,6 +42,7 @@ def tokenizer_dir_for(cfg, data_dir: str | None = None) -> str:
     d = cfg.data
     return os.path.join(data_dir_for(cfg, data_dir), "tokenizers",
                         f"shapes_world_s{d.image_size}_o{d.min_objects}-{d.max_objects}"
+                        f"{shapes_world.world_suffix(str(d.get('world', 'full')))}"
                         f"_v{d.tokenizer_vocab_size}_c{d.tokenizer_corpus_scenes}")
 
 

@@ -30,12 +30,14 @@ Packing several samples into one row is not implemented: one sample per row, rig
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from sgt_jax.config import PROXIES, ROW_TOKENS, TASKS, umm_dims
 from sgt_jax.data import render, text
+from sgt_jax.data import shapes_world as sw
 from sgt_jax.data.mixture import Mixture
 from sgt_jax.data.tokenizer import special_token_ids
 
@@ -90,6 +92,7 @@ class Layout:
     gen_weight: float = 1.0
     cond_dropout: float = 0.1
     caption_fraction: float = 0.25
+    world: str = "full"  # Shapes World preset (`data.world`): which shapes / colours questions ask about
 
     @classmethod
     def from_config(cls, cfg) -> "Layout":
@@ -98,7 +101,8 @@ class Layout:
         return cls(max_seq_len=int(cfg.data.max_seq_len), num_vit_tokens=d["num_vit_tokens"],
                    vit_image_size=d["vit_image_size"], num_codes=d["num_codes"], image_size=d["image_size"],
                    text_weight=float(cfg.data.text_loss_weight), gen_weight=float(cfg.data.gen_loss_weight),
-                   cond_dropout=float(cfg.data.cond_dropout), caption_fraction=float(cfg.data.caption_fraction))
+                   cond_dropout=float(cfg.data.cond_dropout), caption_fraction=float(cfg.data.caption_fraction),
+                   world=str(cfg.data.get("world", "full")))
 
 
 def example_spec(layout: Layout) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -314,6 +318,11 @@ def _image(record: Mapping[str, Any]) -> np.ndarray:
     return np.asarray(record["image"], np.uint8)
 
 
+@functools.lru_cache(maxsize=None)
+def _world(name: str) -> sw.WorldConfig:
+    return sw.WorldConfig(**sw.WORLD_PRESETS[name])
+
+
 def _pick(rng: np.random.Generator, items: Sequence[Any]) -> Any:
     return items[int(rng.integers(len(items)))]
 
@@ -339,7 +348,8 @@ class UnderstandingTransform(_Transform):
             return b.conversation(_image(record), record["turns"])
         if "question" in record and "answer" in record:
             return b.understanding(_image(record), str(record["question"]), str(record["answer"]))
-        questions = [] if rng.random() < b.layout.caption_fraction else text.mcq_questions(record, rng)
+        world = _world(b.layout.world)
+        questions = [] if rng.random() < b.layout.caption_fraction else text.mcq_questions(record, rng, world)
         if not questions:
             return b.understanding(_image(record), CAPTION_QUESTION, text.caption(record, rng))
         prompt, answer = format_mcq(_pick(rng, questions))

@@ -40,6 +40,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from scipy import ndimage
 
+from sgt_jax import config
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross", "heart", "crescent")
 PLURALS: dict[str, str] = {
     "circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds",
@@ -224,11 +226,31 @@ class WorldConfig:
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> "WorldConfig":
-        """Build from the experiment config (`cfg.data.image_size/min_objects/max_objects`)."""
+        """Build from the experiment config (`cfg.data.image_size/min_objects/max_objects` and the
+        `cfg.data.world` preset, WORLD_PRESETS)."""
         d = cfg.data if hasattr(cfg, "data") else cfg
         kw = dict(image_size=int(d.image_size), min_objects=int(d.min_objects), max_objects=int(d.max_objects))
+        kw.update(WORLD_PRESETS[str(d.get("world", "full"))])
         kw.update(overrides)
         return cls(**kw)
+
+
+# What a world contains, by name (`data.world`). "simple" is a lever of the issue-12 base search: four
+# shapes that differ at 32 px, four colours, medium and large objects only, flat colours on a plain
+# background; everything else (splits, held-out pairs, geometry, depth) is as in "full".
+WORLD_PRESETS: dict[str, dict] = {
+    "full": {},
+    "simple": dict(shapes=("circle", "square", "triangle", "star"), colors=("red", "green", "blue", "yellow"),
+                   sizes=("medium", "large"), textures=("flat",), textured_background=False),
+}
+
+
+assert tuple(WORLD_PRESETS) == config.WORLDS, "config.WORLDS names the presets"
+
+
+def world_suffix(name: str) -> str:
+    """The part of dataset / tokenizer directory names that tells the preset ("" for full)."""
+    return "" if name == "full" else f"_{name}"
 
 
 def split_rng(seed: int, split: str) -> np.random.Generator:

@@ -263,19 +263,22 @@ def _distance_question(anchor: str, first: str, second: str) -> str:
             f"closer to the {anchor}, the {first} or the {second}?")
 
 
-def mcq_candidates(scene: Mapping[str, Any]) -> dict[str, list[dict]]:
+def mcq_candidates(scene: Mapping[str, Any], world: sw.WorldConfig | None = None) -> dict[str, list[dict]]:
     """Every askable CV-Bench-style fact of a scene, per task (the raw material of both the training
     questions and the balanced evaluation set):
     * count: {kind: "shape" | "objects", shape, truth}; shape counts only up to SHAPE_COUNT_MAX;
     * relation: {a, b, truth} for ordered pairs where exactly one GenEval relation holds (so the four
       options left / right / above / below have exactly one right answer);
     * depth_order: {near, far} with depths >= 0.1 apart;
-    * distance: {anchor, near, far}, the farther one >= 1.3x as far from the anchor."""
+    * distance: {anchor, near, far}, the farther one >= 1.3x as far from the anchor.
+    Shape counts are asked about the shapes of `world` (default: the full world), so a smaller world
+    never asks about a shape that cannot occur (a blind "0")."""
+    world = _world_cfg(world)
     objs = sw.scene_objects(scene)
     s = int(np.asarray(scene["image"]).shape[0]) if "image" in scene else 64
     n = len(objs)
     out: dict[str, list[dict]] = {"count": [{"kind": "objects", "shape": None, "truth": n}]}
-    for shape in sw.SHAPES:
+    for shape in world.shapes:
         k = sum(o["shape"] == shape for o in objs)
         if k <= SHAPE_COUNT_MAX:
             out["count"].append({"kind": "shape", "shape": shape, "truth": k})
@@ -333,13 +336,14 @@ def build_mcq(task: str, cand: Mapping[str, Any], *, letter: int = 0, truth_firs
     return {"task": task, "question": q, "choices": choices, "answer": letter}
 
 
-def mcq_questions(scene: Mapping[str, Any], rng: np.random.Generator) -> list[dict]:
+def mcq_questions(scene: Mapping[str, Any], rng: np.random.Generator, world: sw.WorldConfig | None = None) -> list[dict]:
     """At most one question per task in MCQ_TASKS (those the scene supports), each
     {task, question, choices, answer (index into choices)}: the training questions, in exactly the
     layouts of the balanced evaluation set (`balanced_mcq_items`). The count truth is drawn uniformly
     over the values the scene offers (not over shapes, which would make "0" the usual answer)."""
+    world = _world_cfg(world)
     objs = sw.scene_objects(scene)
-    cands = mcq_candidates(scene)
+    cands = mcq_candidates(scene, world)
     out = []
     count = cands["count"]
     if rng.random() < 0.5:
@@ -361,12 +365,12 @@ def mcq_questions(scene: Mapping[str, Any], rng: np.random.Generator) -> list[di
     by_color = [o for o in objs if sum(p["color"] == o["color"] for p in objs) == 1]
     if by_shape and (not by_color or rng.random() < 0.5):
         o = _pick(rng, by_shape)
-        wrong = [c for c in sw.COLORS if c != o["color"]]
+        wrong = [c for c in world.colors if c != o["color"]]
         opts = [o["color"]] + [wrong[i] for i in rng.permutation(len(wrong))[:3]]
         out.append(_mcq("attribute", f"What colour is the {o['shape']}?", opts, o["color"], rng))
     elif by_color:
         o = _pick(rng, by_color)
-        wrong = [c for c in sw.SHAPES if c != o["shape"]]
+        wrong = [c for c in world.shapes if c != o["shape"]]
         opts = [o["shape"]] + [wrong[i] for i in rng.permutation(len(wrong))[:3]]
         out.append(_mcq("attribute", f"What shape is the {o['color']} object?", opts, o["shape"], rng))
     return out
@@ -435,7 +439,7 @@ def balanced_mcq_items(cfg=None, split: str = "test", per_task: int = 500, seed:
     for i in range(limit):
         if not any(quotas.values()):
             break
-        cands = mcq_candidates(sw.generate_scene(i, wcfg, split))
+        cands = mcq_candidates(sw.generate_scene(i, wcfg, split), wcfg)
         for task in tasks:
             open_cells = quotas[task]
             if not open_cells:
@@ -476,7 +480,7 @@ def mcq_eval_items(cfg=None, n_scenes: int = 100, split: str = "test", seed: int
     wcfg = _world_cfg(cfg)
     rng = np.random.default_rng([_PROMPT_SALT, 11, seed])
     return [dict(q, seed=i, split=split) for i in range(n_scenes)
-            for q in mcq_questions(sw.generate_scene(i, wcfg, split), rng)]
+            for q in mcq_questions(sw.generate_scene(i, wcfg, split), rng, wcfg)]
 
 
 def format_mcq(question: Mapping[str, Any]) -> tuple[str, str]:
@@ -602,7 +606,7 @@ def corpus(cfg=None, n: int = 1000, seed: int = 0) -> Iterator[str]:
         scene = sw.generate_scene(i, wcfg, "train")
         yield caption(scene, rng)
         yield t2i_prompt(scene, rng)
-        for q in mcq_questions(scene, rng):
+        for q in mcq_questions(scene, rng, wcfg):
             prompt, letter = format_mcq(q)
             yield f"{prompt} {letter}"
         yield geneval_prompt(TAGS[i % len(TAGS)], rng, wcfg, "train")["prompt"]

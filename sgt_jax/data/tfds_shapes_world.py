@@ -32,6 +32,7 @@ class ShapesWorldConfig(tfds.core.BuilderConfig):
     image_size: int = 64
     min_objects: int = 1
     max_objects: int = 4
+    world: str = "full"  # shapes_world.WORLD_PRESETS
     train_size: int = 4096
     validation_size: int = 256
     test_size: int = 256
@@ -42,12 +43,13 @@ class ShapesWorldConfig(tfds.core.BuilderConfig):
 
 
 def make_config(*, image_size: int = 64, min_objects: int = 1, max_objects: int = 4, train_size: int = 4096,
-                validation_size: int = 256, test_size: int = 256, heldout_size: int = 256) -> ShapesWorldConfig:
+                validation_size: int = 256, test_size: int = 256, heldout_size: int = 256,
+                world: str = "full") -> ShapesWorldConfig:
     """A `ShapesWorldConfig` whose name is derived from its values (stable directory per variant)."""
-    name = (f"s{image_size}_o{min_objects}-{max_objects}"
+    name = (f"s{image_size}_o{min_objects}-{max_objects}{shapes_world.world_suffix(world)}"
             f"_n{train_size}-{validation_size}-{test_size}-{heldout_size}")
     return ShapesWorldConfig(name=name, version=VERSION, release_notes=dict(RELEASE_NOTES), image_size=image_size, min_objects=min_objects,
-                             max_objects=max_objects, train_size=train_size, validation_size=validation_size,
+                             max_objects=max_objects, world=world, train_size=train_size, validation_size=validation_size,
                              test_size=test_size, heldout_size=heldout_size)
 
 
@@ -56,7 +58,7 @@ def config_from(cfg) -> ShapesWorldConfig:
     d = cfg.data
     return make_config(image_size=d.image_size, min_objects=d.min_objects, max_objects=d.max_objects,
                        train_size=d.train_size, validation_size=d.validation_size, test_size=d.test_size,
-                       heldout_size=d.heldout_size)
+                       heldout_size=d.heldout_size, world=str(d.get("world", "full")))
 
 
 def _json_default(value):
@@ -118,7 +120,7 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
 
         c = self.builder_config
         world = shapes_world.WorldConfig(image_size=c.image_size, min_objects=c.min_objects,
-                                         max_objects=c.max_objects)
+                                         max_objects=c.max_objects, **shapes_world.WORLD_PRESETS[c.world])
         for seed in range(num):
             key = f"{split}-{seed:07d}"
             yield key, scene_to_example(key, seed, shapes_world.generate_scene(seed, world, split))
