@@ -373,3 +373,30 @@ def test_load_umm_restores_ema_params_vq_and_config(tmp_path):
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
     raw = restore.load_umm(str(tmp_path), use_ema=False, cfg=cfg)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), raw.params, params)
+
+
+def test_exported_params_load_as_a_run_and_as_init_from(tmp_path, load_tool):
+    """tools/export_params.py: the params-only float16 export restores as a run (its saved config,
+    EMA params, the VQ) and fills a target through init_from, each value the float16 rounding of the
+    source; a second export into the same directory is refused."""
+    from sgt_jax.train import checkpoint as ckpt_lib
+
+    cfg, params, ema, vq_params = save_tiny_run(str(tmp_path / "run"))
+    tool = load_tool("export_params")
+    meta = tool.export(str(tmp_path / "run"), str(tmp_path / "export"))
+    assert meta["exported"]["source_params"] == "ema_params" and meta["step"] == 7
+    loaded = restore.load_umm(str(tmp_path / "export"))
+    assert loaded.step == 7 and loaded.model.cfg == umm_lib.UMMConfig.from_config(cfg)
+
+    def f16(x):
+        return np.asarray(np.asarray(x, np.float16), np.float32)
+
+    for got, want in ((loaded.params, ema), (loaded.vq_params, vq_params)):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), f16(b)), got, want)
+    assert jax.tree.leaves(loaded.params)[0].dtype == np.float32
+    target = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), {"umm": params, "vq": vq_params})
+    filled, paths = ckpt_lib.load_params(str(tmp_path / "export"), target)
+    assert len(paths) == len(jax.tree.leaves(target))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), f16(b)), filled["umm"], ema)
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        tool.export(str(tmp_path / "run"), str(tmp_path / "export"))

@@ -572,6 +572,23 @@ def _join(prefix: str, rest: str) -> str:
     return "/".join(s for s in (prefix, rest) if s)
 
 
+def _state_metadata(step_dir: epath.Path) -> dict:
+    """The array metadata tree of a step's state item (shapes and dtypes; nothing is read)."""
+    meta_tree = ocp.PyTreeCheckpointer().metadata(step_dir / STATE)
+    meta_tree = getattr(meta_tree, "item_metadata", meta_tree)
+    return getattr(meta_tree, "tree", meta_tree)
+
+
+def params_key(meta_tree, use_ema: bool = True) -> str:
+    """Which params a load reads: "ema_params" when the checkpoint has them and `use_ema`, else "params"."""
+    return "ema_params" if use_ema and "ema_params" in meta_tree else "params"
+
+
+def params_source(path: str, step: int = -1, use_ema: bool = True) -> str:
+    """`params_key` of a run's checkpoint (e.g. to say whether an export holds EMA params)."""
+    return params_key(_state_metadata(resolve_step_dir(path, step)), use_ema)
+
+
 def load_params(path: str, target_params: PyTree, *, mapping: str = "", step: int = -1,
                 use_ema: bool = True) -> tuple[PyTree, list[str]]:
     """Fill `target_params` (concrete, sharded) from another run's checkpoint.
@@ -582,10 +599,8 @@ def load_params(path: str, target_params: PyTree, *, mapping: str = "", step: in
     """
     step_dir = resolve_step_dir(path, step)
     ckptr = ocp.PyTreeCheckpointer()
-    meta_tree = ckptr.metadata(step_dir / STATE)
-    meta_tree = getattr(meta_tree, "item_metadata", meta_tree)
-    meta_tree = getattr(meta_tree, "tree", meta_tree)
-    source_key = "ema_params" if use_ema and "ema_params" in meta_tree else "params"
+    meta_tree = _state_metadata(step_dir)
+    source_key = params_key(meta_tree, use_ema)
     src_flat = _flat(meta_tree[source_key])
     rules = parse_mapping(mapping) or [("", "")]
     dst_flat = _flat(target_params)
