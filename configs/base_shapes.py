@@ -15,13 +15,19 @@ the text rooms (`data.answer_room`, `data.prompt_room`), and the step count from
 cost (~6-8 min here), and `--config.train.batch_size=64` trains the same examples in half the steps.
 
 Options (OPTIONS): `smoke` (tiny, for tests), `vq=PATH` (VQ workdir), `vqarg=A` (arg of
-configs/vq_shapes.py), `steps=N` (N steps at this file's batch size: `train.num_examples` = N x batch).
+configs/vq_shapes.py), `steps=N` (N steps at this file's batch size: `train.num_examples` = N x batch),
+`quick` (the recipe of the issue-12 base search, results/base_search/: 32 px images with the f=8 VQ
+of `vq_shapes.py:f8,size=32` (16 ViT tokens, 16 codes), understanding : t2i = 3 : 1 with captions on
+10% of understanding rows, 48 positions of answer room, 5000 steps; ~70 min on 2 cores, so the demo
+starts from the base this trained, shipped in assets/).
 """
 from sgt_jax.config import config_module, default_config, parse_arg, row_lengths
 
 BASE_POSITIONS = 300 * 32 * 144  # sequence positions trained by the base stage (batch x steps x length)
 REFERENCE_BATCH = 32
-OPTIONS = dict(smoke=False, vq="runs/vq", vqarg="", steps=0)
+OPTIONS = dict(smoke=False, vq="runs/vq", vqarg="", steps=0, quick=False)
+QUICK_VQARG = "f8,size=32"  # the VQ the quick recipe reads (configs/vq_shapes.py options)
+QUICK_STEPS = 5000
 
 
 def load_sibling(name: str, arg=None):
@@ -39,8 +45,9 @@ def position_budget(positions: int, row_length: int) -> int:
     return REFERENCE_BATCH * max(50, positions // (REFERENCE_BATCH * round_up(row_length)))
 
 
-def umm_model(c, smoke: bool, vqarg: str = "") -> None:
+def umm_model(c, smoke: bool, vqarg: str = "", quick: bool = False) -> None:
     """The Shapes World UMM shared by the base and post-training configs (and the VQ it reads)."""
+    vqarg = vqarg or (QUICK_VQARG if quick and not smoke else "")
     vq = load_sibling("vq_shapes", ",".join(p for p in (vqarg, "smoke" if smoke else "") if p))
     c.model.vq = vq.model.vq
     c.data.image_size = vq.data.image_size  # the VQ (and its dataset) fix the image size
@@ -50,6 +57,8 @@ def umm_model(c, smoke: bool, vqarg: str = "") -> None:
     # letter; captions median 51, max ~90 (the longest ~15% lose their tail); t2i prompts <= 34;
     # proxy instructions <= 46.
     c.data.answer_room, c.data.prompt_room, c.data.instruction_room = 72, 36, 48
+    if quick and not smoke:  # captions are 10% of understanding rows here: their long tail is cut
+        c.data.answer_room, c.data.caption_fraction = 48, 0.1
     u = c.model.umm
     u.llm.vocab_size = c.data.tokenizer_vocab_size  # the Shapes World byte-level BPE built for this data
     if smoke:
@@ -70,11 +79,11 @@ def get_config(arg=None):
     a = parse_arg(arg, **OPTIONS)
     c = default_config()
     c.stage = "umm"
-    umm_model(c, a.smoke, a.vqarg)
+    umm_model(c, a.smoke, a.vqarg, a.quick)
     c.init_from.path = a.vq
     c.init_from.mapping = "->vq"  # the whole VQ-stage tree becomes params/vq (frozen)
 
-    c.data.mixture = {"understanding": 1.0, "t2i": 1.0}
+    c.data.mixture = {"understanding": 3.0 if a.quick else 1.0, "t2i": 1.0}
     c.data.cond_dropout = 0.1
     c.model.umm_stage.freeze_vit = False
 
@@ -96,6 +105,10 @@ def get_config(arg=None):
     c.eval.every_steps = 0
     c.eval.num_examples = 128
     c.eval.split = "validation"
+    if a.quick:
+        c.train.num_examples = QUICK_STEPS * c.train.batch_size
+        c.checkpoint.every_steps = 1000
+        c.model.umm.llm.scan_unroll = 4  # 0.81x the step time of 1 here (tools/bench.py, base_shapes)
     if a.smoke:
         c.train.batch_size = 8
         c.train.num_examples = 6 * 8

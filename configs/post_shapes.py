@@ -12,12 +12,13 @@ every proxy run train the same examples (and steps, at the same batch size); the
 derived from the mixed tasks by `sgt_jax.config.finalize`.
 
 Options (OPTIONS): `proxy=NAME` (required), `base=PATH` (base workdir, default runs/base), `ratio=R`,
-`steps=N`, `smoke`, `vqarg=A` (as for base_shapes).
+`steps=N`, `smoke`, `vqarg=A`, `quick` (as for base_shapes: the same model and data; the base's
+mixture and step count are replaced here).
 """
 from sgt_jax.config import PROXIES, ConfigError, config_module, format_arg, parse_arg, row_lengths
 
 POST_POSITIONS = 200 * 32 * 160  # proxy-row positions of one post-training run (batch x steps x length)
-OPTIONS = dict(proxy="", base="runs/base", ratio=2.0, steps=0, smoke=False, vqarg="")
+OPTIONS = dict(proxy="", base="runs/base", ratio=2.0, steps=0, smoke=False, vqarg="", quick=False)
 
 
 def _base():
@@ -29,7 +30,7 @@ def get_config(arg=None):
     if a.proxy not in ("none",) + PROXIES:
         raise ConfigError(f"post_shapes option 'proxy' = {a.proxy!r} is not allowed; allowed: {['none', *PROXIES]}")
     base = _base()
-    c = base.get_config(format_arg({"smoke": a.smoke, "vqarg": a.vqarg}, base.OPTIONS))
+    c = base.get_config(format_arg({"smoke": a.smoke, "vqarg": a.vqarg, "quick": a.quick}, base.OPTIONS))
     c.init_from.path = a.base
     c.init_from.mapping = ""  # identity: UMM and frozen VQ both come from the base checkpoint
 

@@ -14,18 +14,22 @@ reached mIoU 0.95 in the sweeps). f = 8 (64 codes, the shorter UMM sequence) top
 weighted 2x in the loss because their edges decide mIoU.
 
 Options (OPTIONS; comma-separated): `smoke` (tiny, a few steps, for tests), `f8` (64 codes per
-image: UMM-friendly, below the mask bar), `family=conv`, `steps=N` (0 = the default count).
+image: UMM-friendly, below the mask bar), `family=conv`, `steps=N` (0 = the default count), `size=N`
+(image side in pixels; 0 = 64. The quick UMM recipe uses `f8,size=32`: 16 codes per image, test
+instance-mask mIoU 0.52 after 1200 steps, results/base_search/).
 The VQ stage sets `train.steps` directly (no example budget).
 """
 from sgt_jax.config import default_config, parse_arg
 
-OPTIONS = dict(smoke=False, f8=False, family="vit", steps=0)
+OPTIONS = dict(smoke=False, f8=False, family="vit", steps=0, size=0)
 
 
 def get_config(arg=None):
     a = parse_arg(arg, **OPTIONS)
     c = default_config()
     c.stage = "vq"
+    if a.size:
+        c.data.image_size = a.size
     v = c.model.vq
     v.family = a.family
     v.downsample = 8 if a.f8 else 4
