@@ -64,6 +64,13 @@ def test_driver_plan_flags_and_errors(capsys):
     plan = tool.make_plan("/w", "quick", rows=("none",), seeds=1, ratios=(), equal_vqa=False, mixing="rows",
                           eval_overrides=("mcq_items=300",))
     assert plan.stages[-1].argv[-1] == "--config.eval.umm.mcq_items=300"
+    # quick starts from the shipped base, copied into the work dir (nothing is written into the repo)
+    copy = plan.stages[0]
+    assert copy.name == "base" and copy.argv[1] == "tools/export_params.py" and "--out=/w/base" in copy.argv
+    assert any(a.endswith("results/base_search/base_quick") for a in copy.argv)
+    assert "vq" not in [s.name for s in plan.stages]
+    assert all("quick" in " ".join(s.argv) and "base=/w/base" in " ".join(s.argv) for s in plan.stages
+               if s.name == "none_s0")
 
 
 def test_driver_end_to_end_with_simulated_runs(tmp_path, monkeypatch):

@@ -289,3 +289,19 @@ def test_demo_report_points_to_the_full_result(tmp_path, load_tool):
     summary = os.path.join(root, "results", "shapes_ablation", "summary.json")
     full = os.path.exists(summary) and json.load(open(summary)).get("profile") == "full"
     assert ("NOT been run yet" in lines) != full
+
+
+def test_demo_quick_plan_starts_from_the_shipped_base(load_tool):
+    """make demo's quick profile copies the shipped base and post-trains from it at 32 px; the
+    quick_scratch profile trains that base's VQ and base itself with the same recipe."""
+    demo = load_tool("demo")
+    quick = {s.name: s.argv for s in demo.plan("/w", "quick")}
+    assert list(quick)[:2] == ["data", "base"] and "vq" not in quick
+    assert "--image_size=32" in quick["data"]
+    assert quick["base"][1] == "tools/export_params.py" and f"--workdir={demo.SHIPPED_BASE}" in quick["base"]
+    for name in ("sft", "sgt"):
+        config = next(a for a in quick[name] if a.startswith("--config="))
+        assert "quick" in config and "base=/w/base" in config
+    scratch = {s.name: s.argv for s in demo.plan("/w", "quick_scratch")}
+    assert "--config=configs/vq_shapes.py:f8,size=32" in scratch["vq"]
+    assert any(a.startswith("--config=configs/base_shapes.py:") and a.endswith(",quick") for a in scratch["base"])

@@ -1,7 +1,7 @@
 """The paper's proxy ablation on Shapes World, from one command, resumable per stage.
 
     python tools/ablation.py                                   # full profile, 3 seeds -> results/shapes_ablation/
-    python tools/ablation.py --profile=quick --seeds=3         # the demo's model sizes
+    python tools/ablation.py --profile=quick --seeds=3         # the demo's recipe, from the shipped base
     python tools/ablation.py --profile=micro --rows=none,segmentation --seeds=1 --ratios= --no-equal_vqa \
         --out=/tmp/abl --work=/tmp/abl_runs                    # proves the machinery in minutes
     python tools/ablation.py --dry_run                         # print the plan only
@@ -48,13 +48,14 @@ DEFAULT_RATIOS = (0.0, 1.0, 2.0, 3.0)
 
 # Config args and evaluation budgets per profile. full: the configs' defaults (f=4 VQ, the full
 # evaluation: 500 MCQ items a task, 50 prompts x 4 images a GenEval tag, 200 masks). quick: the demo's
-# sizes. micro: smoke models and data, a few steps, a tiny evaluation (plumbing only).
+# recipe (`:quick` configs, 32 px), post-training from the shipped base unless --base is given. micro: smoke models and data, a few steps, a tiny evaluation (plumbing only).
 _MICRO_DATA = ("--config.data.train_size=64", "--config.data.validation_size=16", "--config.data.test_size=16",
                "--config.data.heldout_size=16")
 PROFILES = {
     "full": {"vq": "", "base": "", "post": "", "train_flags": (), "eval": ()},
-    "quick": {"vq": "f8", "base": "vqarg=f8", "post": "vqarg=f8", "train_flags": (),
-              "eval": ("mcq_items=64", "geneval_prompts_per_tag=8", "geneval_images_per_prompt=1", "seg_images=32")},
+    "quick": {"vq": "f8,size=32", "base": "quick", "post": "quick", "train_flags": (), "image_size": 32,
+              "shipped_base": os.path.join(ROOT, "results", "base_search", "base_quick"),
+              "eval": ("mcq_items=128", "geneval_prompts_per_tag=16", "geneval_images_per_prompt=1", "seg_images=64")},
     "micro": {"vq": "smoke", "base": "smoke", "post": "smoke", "train_flags": _MICRO_DATA,
               "eval": ("mcq_items=4", "geneval_prompts_per_tag=1", "geneval_images_per_prompt=1", "seg_images=2",
                        "parts=('cvbench','geneval','segmentation')", "splits=('test',)", "batch_size=8")},
@@ -100,11 +101,15 @@ def make_plan(work: str, profile: str, *, rows: Sequence[str], seeds: int, ratio
         stages.append(Stage(f"{name}_eval", [python, "tools/evaluate.py", f"--workdir={workdir}", f"--data_dir={data}",
                                              *[f"--config.eval.umm.{o}" for o in p["eval"]]]))
 
-    base_dir = base or os.path.join(work, "base")
-    if base is None:
+    base = base or p.get("shipped_base")
+    base_dir = os.path.join(work, "base")
+    if base is not None:  # copied (exactly, float32) so its evaluation writes under WORK, not into the base
+        stages.append(Stage("base", [python, "tools/export_params.py", f"--workdir={base}", f"--out={base_dir}",
+                                     "--dtype=float32"]))
+    else:
         if profile != "micro":  # micro builds its small dataset on first use (the VQ stage)
             stages.append(Stage("data", [python, "tools/build_dataset.py", "--dataset=shapes_world",
-                                         f"--data_dir={data}"]))
+                                         f"--data_dir={data}", f"--image_size={p.get('image_size', 64)}"]))
         vq_dir = os.path.join(work, "vq")
         train("vq", "configs/vq_shapes.py" + (f":{p['vq']}" if p["vq"] else ""), vq_dir)
         train("base", "configs/base_shapes.py:" + arg(f"vq={vq_dir}", p["base"]), base_dir)
@@ -320,7 +325,9 @@ def parse_args(argv: Sequence[str] | None):
     ap.add_argument("--equal_vqa", action=argparse.BooleanOptionalAction, default=True,
                     help="also run SGT with 3x steps (as many VQA rows as SFT only)")
     ap.add_argument("--mixing", default="batches", help="rows | batches (data.mixing of every post-training run)")
-    ap.add_argument("--base", default=None, help="reuse this base UMM workdir (skips data, VQ and base training)")
+    ap.add_argument("--base", default=None, help="start from this base UMM run or export (copied into WORK/base; "
+                    "skips VQ and base training; the quick profile defaults to the shipped "
+                    "results/base_search/base_quick)")
     ap.add_argument("--eval", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="extra eval.umm overrides for every evaluation, e.g. mcq_items=300 splits=('test',)")
     ap.add_argument("--dry_run", action="store_true", help="print the plan and exit")
