@@ -36,6 +36,7 @@ flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: $SGT_DATA_DIR or 
 flags.DEFINE_integer("image_size", _DEFAULTS.image_size, "Image side in pixels (multiple of 16).")
 flags.DEFINE_integer("min_objects", _DEFAULTS.min_objects, "Fewest objects per scene.")
 flags.DEFINE_integer("max_objects", _DEFAULTS.max_objects, "Most objects per scene.")
+flags.DEFINE_enum("world", _DEFAULTS.world, list(config_lib.WORLDS), "What scenes contain (data.world preset).")
 flags.DEFINE_integer("train_size", _DEFAULTS.train_size, "Scenes in the train split.")
 flags.DEFINE_integer("validation_size", _DEFAULTS.validation_size, "Scenes in the validation split.")
 flags.DEFINE_integer("test_size", _DEFAULTS.test_size, "Scenes in the test split.")
@@ -50,7 +51,7 @@ def config_from_flags():
     cfg.data.dataset = FLAGS.dataset
     if FLAGS.data_dir:
         cfg.data.data_dir = FLAGS.data_dir
-    for name in ("image_size", "min_objects", "max_objects", "train_size", "validation_size", "test_size",
+    for name in ("image_size", "min_objects", "max_objects", "world", "train_size", "validation_size", "test_size",
                  "heldout_size", "tokenizer_vocab_size", "tokenizer_corpus_scenes"):
         cfg.data[name] = getattr(FLAGS, name)
     return checks.prepare(cfg)
