@@ -303,3 +303,33 @@ def test_grad_balance_tool_measures_the_weighted_terms(tok_dir, load_tool):
     assert one["mcq_rows"] + one["caption_rows"] == int(und.sum())
     assert one["mcq_token_share"] + one["caption_token_share"] == pytest.approx(counts[und].sum() / counts.sum())
     assert "| 0 |" in gb.table(rows)
+
+
+def test_the_shipped_base_is_the_quick_recipe_and_fits_the_post_configs():
+    """results/base_search/base_quick (what make demo starts from) was trained with today's
+    configs/base_shapes.py:quick model and data, and every parameter the quick post-training config
+    builds is in it with its shape (an abstract check: nothing is read but metadata)."""
+    import flax.linen as nn
+
+    from sgt_jax import config as config_lib
+    from sgt_jax.train import checkpoint as ckpt_lib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shipped = os.path.join(root, "results", "base_search", "base_quick")
+    meta = ckpt_lib.read_metadata(shipped)
+    saved = config_lib.from_saved(meta["config"])
+    want = finalize(config_module(os.path.join(root, "configs", "base_shapes.py")).get_config("quick"))
+    assert saved.model.to_dict() == want.model.to_dict()
+    for field in ("image_size", "world", "min_objects", "max_objects", "tokenizer_vocab_size", "max_seq_len"):
+        assert saved.data[field] == want.data[field], field
+    assert meta["exported"]["dtype"] == "float16" and meta["exported"]["step"] == 5000
+    post = finalize(config_module(os.path.join(root, "configs", "post_shapes.py")).get_config(
+        "proxy=segmentation,quick"))
+    stage = UMMStage(post)
+    abstract = nn.unbox(jax.eval_shape(lambda: stage.init(jax.random.key(0), stage.dummy_batch(1))[0]))
+    tree = ckpt_lib.state_metadata(ckpt_lib.resolve_step_dir(shipped))["params"]
+    have = {"/".join(str(getattr(k, "key", k)) for k in p): tuple(v.shape)
+            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    need = {"/".join(str(getattr(k, "key", k)) for k in p): tuple(v.shape)
+            for p, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    assert need == have

@@ -572,7 +572,7 @@ def _join(prefix: str, rest: str) -> str:
     return "/".join(s for s in (prefix, rest) if s)
 
 
-def _state_metadata(step_dir: epath.Path) -> dict:
+def state_metadata(step_dir: epath.Path) -> dict:
     """The array metadata tree of a step's state item (shapes and dtypes; nothing is read)."""
     meta_tree = ocp.PyTreeCheckpointer().metadata(step_dir / STATE)
     meta_tree = getattr(meta_tree, "item_metadata", meta_tree)
@@ -586,7 +586,7 @@ def params_key(meta_tree, use_ema: bool = True) -> str:
 
 def params_source(path: str, step: int = -1, use_ema: bool = True) -> str:
     """`params_key` of a run's checkpoint (e.g. to say whether an export holds EMA params)."""
-    return params_key(_state_metadata(resolve_step_dir(path, step)), use_ema)
+    return params_key(state_metadata(resolve_step_dir(path, step)), use_ema)
 
 
 def load_params(path: str, target_params: PyTree, *, mapping: str = "", step: int = -1,
@@ -599,7 +599,7 @@ def load_params(path: str, target_params: PyTree, *, mapping: str = "", step: in
     """
     step_dir = resolve_step_dir(path, step)
     ckptr = ocp.PyTreeCheckpointer()
-    meta_tree = _state_metadata(step_dir)
+    meta_tree = state_metadata(step_dir)
     source_key = params_key(meta_tree, use_ema)
     src_flat = _flat(meta_tree[source_key])
     rules = parse_mapping(mapping) or [("", "")]
