@@ -1,7 +1,6 @@
 """Table of the learning curve: CV-Bench analogue accuracy per task at each checkpoint."""
 import glob
 import json
-import re
 import sys
 
 TASKS = ("count", "relation", "depth_order", "distance")
