@@ -87,11 +87,11 @@ def plan(workdir: str, profile: str) -> list[Stage]:
         train("sgt", "configs/post_shapes.py:" + _arg("proxy=segmentation", f"base={d['base']}", p["post"])),
         evaluate("base"), evaluate("sft"), evaluate("sgt"),
     ]
-    # Seconds per stage of the quick profile measured on an idle 2-core machine (ETA lines only).
-    # The eval stages are estimates from item counts (not measured): CircularEval and the blind control
-    # ask ~3.9x the multiple-choice prompts of the single pass the measured 40 s / 30 s / 40 s had.
-    estimates = {"vq": 100, "vq_eval": 15, "base": 520, "sft": 280, "sgt": 500,
-                 "base_eval": 80, "sft_eval": 70, "sgt_eval": 80}
+    # Seconds per stage measured on this project's idle 2-core machine (ETA lines only): the quick
+    # profile from a fresh clone on 2026-12-02 (`make demo`: 921 s with setup); quick_scratch's VQ and
+    # base from the issue-12 search (76 s; 4789 s for the 5000 base steps).
+    estimates = {"data": 11, "base": 4 if p["vq"] is None else 4790, "vq": 80, "vq_eval": 15, "sft": 293,
+                 "sgt": 359, "base_eval": 56, "sft_eval": 45, "sgt_eval": 65}
     for s in stages:
         s.estimate_s = s.estimate_s or estimates.get(s.name, 60)
     return stages
