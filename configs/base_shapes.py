@@ -18,7 +18,7 @@ Options (OPTIONS): `smoke` (tiny, for tests), `vq=PATH` (VQ workdir), `vqarg=A` 
 configs/vq_shapes.py), `steps=N` (N steps at this file's batch size: `train.num_examples` = N x batch),
 `quick` (the recipe of the issue-12 base search, results/base_search/: 32 px images with the f=8 VQ
 of `vq_shapes.py:f8,size=32` (16 ViT tokens, 16 codes), understanding : t2i = 3 : 1 with captions on
-10% of understanding rows, 48 positions of answer room, 5000 steps; ~70 min on 2 cores, so the demo
+10% of understanding rows, 48 positions of answer room, 5000 steps; 80 min on 2 cores, so the demo
 starts from the base this trained, shipped in assets/).
 """
 from sgt_jax.config import config_module, default_config, parse_arg, row_lengths
