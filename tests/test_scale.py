@@ -306,6 +306,12 @@ for length in (256, 200):  # 200 is not a multiple of the 128 block: padded to 2
         lowered = jax.jit(grads).lower(*qkv, mask)
         lowered.compile()
     print("SPLASH_COMPILED", length, "tpu_custom_call" in lowered.as_text())
+# one row (the dummy batch that builds params) does not split over data x fsdp = 2: XLA attention
+one = [jax.ShapeDtypeStruct((1, 256, h, 128), jnp.bfloat16) for h in (8, 4, 4)]
+with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    lowered = jax.jit(grads).lower(*one, jax.ShapeDtypeStruct((1, 256), jnp.int32))
+    lowered.compile()
+print("ONE_ROW_SPLASH", "tpu_custom_call" in lowered.as_text())
 '''
 
 
@@ -326,3 +332,4 @@ def test_splash_attention_compiles_for_a_tpu_topology():
         pytest.skip("libtpu is held by another process (lockfile)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SPLASH_COMPILED 256 True" in proc.stdout and "SPLASH_COMPILED 200 True" in proc.stdout
+    assert "ONE_ROW_SPLASH False" in proc.stdout

@@ -254,6 +254,26 @@ def _splash_local(q, k, v, seg, causal: bool, interpret: bool):
 SPLASH_BLOCK = 128  # splash's smallest TPU block: sequences are padded up to a multiple of it
 
 
+def splash_shards_evenly(batch: int, heads: int) -> bool:
+    """Whether the per-shard splash kernel can split this batch and these heads over the current mesh
+    (the logical rules of `batch` and `heads`). The 1-row dummy batch that builds the params does
+    not split over a 64-way FSDP axis; such calls (shape-only) use XLA attention instead."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return True
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+
+    def ways(axes) -> int:
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        out = 1
+        for a in axes:
+            out *= int(sizes.get(a, 1))
+        return out
+
+    batch_ax, heads_ax = nn.logical_to_mesh_axes(("batch", "heads"))
+    return batch % ways(batch_ax) == 0 and heads % ways(heads_ax) == 0
+
+
 def splash_attention(q, k, v, spec: AttnSpec):
     """Pallas splash attention (TPU; interpreted elsewhere, for tests). Lengths become segment ids
     (0 = padding), so one kernel covers padded and packed rows. Needs Lq == Lk; a length that is not
@@ -311,7 +331,7 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttnSpec,
     impl = check_impl(spec.impl)
     if return_probs or impl == "explicit":
         return explicit_attention(q, k, v, spec, return_probs)
-    if impl == "splash" and q.shape[1] == k.shape[1] > 1:
+    if impl == "splash" and q.shape[1] == k.shape[1] > 1 and splash_shards_evenly(q.shape[0], q.shape[2]):
         return splash_attention(q, k, v, spec), None
     cudnn = impl == "cudnn" and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
     return fused_attention(q, k, v, spec, "cudnn" if cudnn else "xla"), None
