@@ -318,9 +318,7 @@ def _image(record: Mapping[str, Any]) -> np.ndarray:
     return np.asarray(record["image"], np.uint8)
 
 
-@functools.lru_cache(maxsize=None)
-def _world(name: str) -> sw.WorldConfig:
-    return sw.WorldConfig(**sw.WORLD_PRESETS[name])
+_world = functools.lru_cache(maxsize=None)(sw.WorldConfig.named)  # one WorldConfig per preset name
 
 
 def _pick(rng: np.random.Generator, items: Sequence[Any]) -> Any:

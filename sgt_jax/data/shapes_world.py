@@ -230,9 +230,13 @@ class WorldConfig:
         `cfg.data.world` preset, WORLD_PRESETS)."""
         d = cfg.data if hasattr(cfg, "data") else cfg
         kw = dict(image_size=int(d.image_size), min_objects=int(d.min_objects), max_objects=int(d.max_objects))
-        kw.update(WORLD_PRESETS[str(d.get("world", "full"))])
         kw.update(overrides)
-        return cls(**kw)
+        return cls.named(str(d.get("world", "full")), **kw)
+
+    @classmethod
+    def named(cls, world: str = "full", **fields) -> "WorldConfig":
+        """The `world` preset (WORLD_PRESETS, `data.world`) with the other fields given."""
+        return cls(**{**WORLD_PRESETS[world], **fields})
 
 
 # What a world contains, by name (`data.world`). "simple" is a lever of the issue-12 base search: four

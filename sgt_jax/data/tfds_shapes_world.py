@@ -119,8 +119,8 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, num: int):
 
         c = self.builder_config
-        world = shapes_world.WorldConfig(image_size=c.image_size, min_objects=c.min_objects,
-                                         max_objects=c.max_objects, **shapes_world.WORLD_PRESETS[c.world])
+        world = shapes_world.WorldConfig.named(c.world, image_size=c.image_size, min_objects=c.min_objects,
+                                               max_objects=c.max_objects)
         for seed in range(num):
             key = f"{split}-{seed:07d}"
             yield key, scene_to_example(key, seed, shapes_world.generate_scene(seed, world, split))
