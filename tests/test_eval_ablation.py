@@ -64,8 +64,11 @@ def test_driver_plan_flags_and_errors(capsys):
     plan = tool.make_plan("/w", "quick", rows=("none",), seeds=1, ratios=(), equal_vqa=False, mixing="rows",
                           eval_overrides=("mcq_items=300",))
     assert plan.stages[-1].argv[-1] == "--config.eval.umm.mcq_items=300"
-    # quick starts from the shipped base, copied into the work dir (nothing is written into the repo)
-    copy = plan.stages[0]
+    # quick builds its 32 px dataset (the base's tokenizer lives there), then copies the shipped base
+    # into the work dir (nothing is written into the repo)
+    data = plan.stages[0]
+    assert data.name == "data" and "--image_size=32" in data.argv and "--data_dir=/w/data" in data.argv
+    copy = plan.stages[1]
     assert copy.name == "base" and copy.argv[1] == "tools/export_params.py" and "--out=/w/base" in copy.argv
     assert any(a.endswith("results/base_search/base_quick") for a in copy.argv)
     assert "vq" not in [s.name for s in plan.stages]

@@ -103,13 +103,13 @@ def make_plan(work: str, profile: str, *, rows: Sequence[str], seeds: int, ratio
 
     base = base or p.get("shipped_base")
     base_dir = os.path.join(work, "base")
+    if profile != "micro":  # micro builds its small dataset on first use (the VQ stage)
+        stages.append(Stage("data", [python, "tools/build_dataset.py", "--dataset=shapes_world",
+                                     f"--data_dir={data}", f"--image_size={p.get('image_size', 64)}"]))
     if base is not None:  # copied (exactly, float32) so its evaluation writes under WORK, not into the base
         stages.append(Stage("base", [python, "tools/export_params.py", f"--workdir={base}", f"--out={base_dir}",
                                      "--dtype=float32"]))
     else:
-        if profile != "micro":  # micro builds its small dataset on first use (the VQ stage)
-            stages.append(Stage("data", [python, "tools/build_dataset.py", "--dataset=shapes_world",
-                                         f"--data_dir={data}", f"--image_size={p.get('image_size', 64)}"]))
         vq_dir = os.path.join(work, "vq")
         train("vq", "configs/vq_shapes.py" + (f":{p['vq']}" if p["vq"] else ""), vq_dir)
         train("base", "configs/base_shapes.py:" + arg(f"vq={vq_dir}", p["base"]), base_dir)
