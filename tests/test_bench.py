@@ -144,3 +144,28 @@ def test_dry_run_names_indivisible_parameters():
     cfg.mesh.shape = (1, -1, 1)  # out/kernel (32, 4) has 'embed' -> fsdp = 8 on its dim of 4
     with pytest.raises(ValueError, match=r"out/kernel \(32, 4\)"):
         bench.dry_run(cfg, name="toy", stage=ToyStage(cfg))
+
+
+def test_scale_suite_loads_its_configs_and_reuses_the_old_checkouts_timings(tmp_path, monkeypatch):
+    """The suite's config specs load (a renamed loader crashed a 50-minute run at this point), and
+    a cached timing of the old checkout is reused instead of timing it again; a cache made with other
+    steps is not."""
+    import json
+    import subprocess
+
+    import scale_bench
+
+    specs, (full_spec, full_over) = scale_bench.scale_specs(small=False)
+    for _, spec, over in [*specs, ("full", full_spec, full_over)]:
+        cfg = scale_bench._load(spec, over)
+        assert int(cfg.train.batch_size) > 0
+    assert int(scale_bench._load(*specs[1][1:]).model.umm.llm.depth) == 2
+    row = {"variant": "base_shapes", "step_s_median": 8.4, "n": 3}
+    (tmp_path / "base_shapes.json").write_text(json.dumps({"env": {"date": "d"}, "rows": [row], "warmup": 1}))
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    got = scale_bench.before_step_seconds("/old", specs[:1], steps=3, warmup=1, cache_dir=str(tmp_path))
+    assert got["base_shapes"]["step_s_median"] == 8.4 and got["base_shapes"]["reused"] and not calls
+    with pytest.raises(FileNotFoundError):  # steps differ: the old checkout is timed again (faked here)
+        scale_bench.before_step_seconds("/old", specs[:1], steps=5, warmup=1, cache_dir=str(tmp_path))
+    assert len(calls) == 1 and "--steps=5" in calls[0]

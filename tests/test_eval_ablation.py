@@ -130,6 +130,9 @@ def test_driver_end_to_end_with_simulated_runs(tmp_path, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["rows"]) == {"base", "+SFT only", "+SFT+SGT (instance segmentation)"}
     assert len(list((out / "runs").glob("*.json"))) == 7 and (out / "ablation_rows.png").exists()
-    # resumable: a second run trains and evaluates nothing
+    # resumable: a second run trains and evaluates nothing, and its manifest keeps the first run's
+    # stage times (read back from the markers)
     n = len(calls)
+    first_times = manifest["stage_seconds"]
     assert tool.main(argv, runner=runner) == 0 and len(calls) == n
+    assert json.loads((out / "manifest.json").read_text())["stage_seconds"] == first_times

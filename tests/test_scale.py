@@ -271,6 +271,24 @@ def test_splash_attention_per_shard_under_a_mesh():
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=2e-5)
 
 
+def test_splash_falls_back_only_where_the_shards_do_not_split_and_says_so(caplog):
+    """batch x heads that divide data x fsdp and tensor run splash; the 1-row params-init call falls
+    back quietly; any other batch that does not split falls back with a warning (never silently)."""
+    import logging
+
+    cfg = config_lib.default_config()
+    rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.mesh.axis_rules)
+    mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[:4])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), caplog.at_level(logging.WARNING):
+        assert layers.splash_shards_evenly(4, 8)
+        assert not layers.splash_shards_evenly(1, 8)
+        assert not caplog.records
+        assert not layers.splash_shards_evenly(3, 8) and not layers.splash_shards_evenly(4, 3)
+    assert len(caplog.records) == 2 and "uses XLA attention" in caplog.records[0].getMessage()
+    assert layers.splash_shards_evenly(3, 3)  # no mesh: one shard
+
+
 def test_mot_gathered_routing_equals_routing_over_every_position():
     """MoT with the generation weights on the N + 1 gathered positions == routing over all L."""
     model, params, _ = model_and_params(True)

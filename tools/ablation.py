@@ -166,8 +166,12 @@ def run_stages(work: str, stages: Sequence[Stage], runner: Callable[[list[str]],
     run = runner or (lambda argv: subprocess.call(argv, cwd=ROOT, env=env))
     for i, s in enumerate(stages, 1):
         marker = os.path.join(done, s.name)
-        if os.path.exists(marker):
+        if os.path.exists(marker):  # its time is kept, so the manifest covers runs resumed over sessions
             print(f"[{i}/{len(stages)}] {s.name}: done earlier, skipped", flush=True)
+            with open(marker) as f:
+                text = f.read()
+            if text.strip():
+                timings[s.name] = json.loads(text).get("seconds")
             continue
         print(f"\n[{i}/{len(stages)}] {s.name}\n  $ {' '.join(s.argv[1:])}", flush=True)
         t = time.time()

@@ -151,8 +151,9 @@ def run_suite(small: bool) -> None:
               f"x{env['devices']}, jax {env['jax']}, {env['date']}, load {env.get('load_avg_1m', float('nan')):.2f}; "
               f"medians of {_STEPS.value} interleaved rounds after {_WARMUP.value} warm-up)")
     print(header, flush=True)
-    payload, text = scale_bench.run(small=small, steps=_STEPS.value, warmup=_WARMUP.value, before_src=_BEFORE.value)
-    print(text)
+    cache = _OUT.value + "_before" if _OUT.value else ""  # the old checkout's timings, reused on a re-run
+    payload, text = scale_bench.run(small=small, steps=_STEPS.value, warmup=_WARMUP.value, before_src=_BEFORE.value,
+                                    cache_dir=cache, emit=lambda t: print(t, flush=True))
     if _OUT.value:
         write_out(_OUT.value, {"env": env, "mode": "suite", **payload}, text, header)
         print(f"wrote {_OUT.value}.json / .md")

@@ -215,72 +215,102 @@ def scale_specs(small: bool) -> tuple[list[tuple[str, str, list[tuple[str, Any]]
 def _load(spec: str, overrides):
     import bench_lib as bench  # tools/bench_lib.py
 
-    return bench.apply_overrides(bench.load_config(spec), overrides)
+    from sgt_jax.config import load_config
+
+    return bench.apply_overrides(load_config(spec), overrides)
 
 
-def before_step_seconds(src: str, specs, *, steps: int, warmup: int) -> dict[str, float]:
-    """Median step time of each variant measured by another checkout's own tools/bench.py (e.g. a
-    worktree at f1d12ac, the unrolled layers), in a subprocess with that checkout on PYTHONPATH."""
+def before_step_seconds(src: str, specs, *, steps: int, warmup: int, cache_dir: str = "") -> dict[str, dict]:
+    """Each variant's step timed by another checkout's own tools/bench.py (e.g. a worktree at f1d12ac,
+    the unrolled layers), in a subprocess with that checkout on PYTHONPATH -> {variant: its bench row
+    + when it ran}. With `cache_dir`, each result is kept as CACHE/<variant>.json and reused by a later
+    run with the same steps and warm-up (the old umm_1b slice takes ~200 s a step here), so a suite
+    that fails later does not have to time the old code again."""
     import json
     import os
     import subprocess
     import sys
     import tempfile
 
-    out: dict[str, float] = {}
+    out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, spec, overrides in specs:
+            cached = os.path.join(cache_dir, name + ".json") if cache_dir else ""
+            if cached and os.path.exists(cached):
+                with open(cached) as f:
+                    got = json.load(f)
+                if got["rows"][0].get("n") == steps and got.get("warmup", warmup) == warmup:
+                    out[name] = {**got["rows"][0], "date": got["env"]["date"], "reused": cached}
+                    continue
             path, _, arg = spec.partition(":")
             variant = name + (":" + ",".join(f"{k}={v!r}" for k, v in overrides) if overrides else "")
+            dst = os.path.join(tmp, name)
             cmd = [sys.executable, os.path.join(src, "tools", "bench.py"),
                    f"--config={os.path.join(src, path)}" + (f":{arg}" if arg else ""), f"--variant={variant}",
-                   f"--steps={steps}", f"--warmup={warmup}", f"--out={os.path.join(tmp, name)}"]
+                   f"--steps={steps}", f"--warmup={warmup}", f"--out={dst}"]
             env = dict(os.environ, PYTHONPATH=os.path.abspath(src))
             subprocess.run(cmd, env=env, cwd=src, check=True)
-            with open(os.path.join(tmp, name + ".json")) as f:
-                out[name] = float(json.load(f)["rows"][0]["step_s_median"])
+            with open(dst + ".json") as f:
+                got = dict(json.load(f), warmup=warmup)
+            if cached:
+                os.makedirs(cache_dir, exist_ok=True)
+                with open(cached, "w") as f:
+                    json.dump(got, f, indent=1)
+            out[name] = {**got["rows"][0], "date": got["env"]["date"]}
     return out
 
 
-def run(small: bool = False, steps: int = 5, warmup: int = 1, before_src: str = "") -> tuple[dict, str]:
+def run(small: bool = False, steps: int = 5, warmup: int = 1, before_src: str = "", cache_dir: str = "",
+        fast_steps: int = 0, emit=print) -> tuple[dict, str]:
     """Every measurement of the suite -> (json payload, markdown text). `before_src`: a checkout of
-    the old code (e.g. f1d12ac) whose own bench times the same train-step variants first."""
+    the old code (e.g. f1d12ac) whose own bench times the same train-step variants first (kept in
+    `cache_dir` when given). `fast_steps` (default max(steps, 10)): rounds of the millisecond-scale
+    LM and sampler comparisons. Each section goes to `emit` as soon as it is measured, so a failure
+    later in the suite keeps what was measured before it."""
     import bench_lib as bench  # tools/bench_lib.py
 
+    fast = fast_steps or max(steps, 10)
+    sections: list[str] = []
+
+    def section(text: str) -> None:
+        sections.append(text)
+        emit(text + "\n")
+
     shape = SMALL if small else LMShape()
-    lm = llm_vs_torch(shape, batch=4 if small else 32, seq=32 if small else 160, steps=steps, warmup=warmup)
+    lm = llm_vs_torch(shape, batch=4 if small else 32, seq=32 if small else 160, steps=fast, warmup=warmup)
+    section("## Qwen2-shaped LM, AdamW f32 train step: sgt_jax vs HF transformers + torch (interleaved)\n"
+            + bench.markdown_table(
+                ("params", "B x S", "steps", "sgt_jax ms", "torch ms", "sgt_jax tok/s", "torch tok/s", "x torch",
+                 "goal"),
+                [(f"{lm['params']:,}", f"{lm['batch']} x {lm['seq']}", lm["steps"], f"{lm['jax_ms']:.1f}",
+                  f"{lm['torch_ms']:.1f}", f"{lm['jax_tok_s']:.0f}", f"{lm['torch_tok_s']:.0f}", f"{lm['ratio']:.2f}",
+                  ">= 1.3")]))
     smp = sampler_vs_hf(shape, images=2 if small else 16, prompt_len=16 if small else 96,
-                        num_codes=16 if small else 64, rounds=max(1, steps // 2) if small else steps)
+                        num_codes=16 if small else 64, rounds=max(1, fast // 2) if small else fast)
+    section("## CFG image sampling (KV cache): sgt_jax generate_codes vs HF generate\n" + bench.markdown_table(
+        ("images", "rows", "prompt", "codes", "rounds", "sgt_jax s", "HF s", "sgt_jax img/s", "HF img/s",
+         "x HF", "goal"),
+        [(smp["images"], smp["rows"], smp["prompt_len"], smp["num_codes"], smp["rounds"], f"{smp['jax_s']:.3f}",
+          f"{smp['hf_s']:.3f}", f"{smp['jax_img_s']:.2f}", f"{smp['hf_img_s']:.2f}", f"{smp['ratio']:.2f}",
+          ">= 2")]))
     specs, (full_spec, full_over) = scale_specs(small)
-    before = before_step_seconds(before_src, specs, steps=steps, warmup=warmup) if before_src else {}
+    before = (before_step_seconds(before_src, specs, steps=steps, warmup=warmup, cache_dir=cache_dir)
+              if before_src else {})
     comp = umm_compile_seconds(_load(full_spec, full_over))
+    section("## compile time of the umm_1b train step (AOT, abstract state, this CPU)\n" + bench.markdown_table(
+        ("config", "params", "depth", "remat", "attention", "build s", "compile s", "goal"),
+        [("umm_1b" + (" smoke" if small else ""), f"{comp['params']:,}", comp["depth"], comp["remat"],
+          comp["attention"], f"{comp['build_s']:.1f}", f"{comp['compile_s']:.1f}", "<= 60 s")]))
     rows = train_step_rows([(name, _load(spec, over)) for name, spec, over in specs], steps=steps, warmup=warmup)
-    versus = bench.markdown_table(
-        ("variant", "before ms", "after ms", "x faster"),
-        [(r.variant, f"{1e3 * before[r.variant]:.1f}" if r.variant in before else "-", f"{1e3 * r.step_s_median:.1f}",
-          f"{before[r.variant] / r.step_s_median:.2f}" if r.variant in before else "-") for r in rows])
-    text = "\n\n".join([
-        "## train step after (this checkout)\n" + bench.bench_table(rows),
-        f"## train step before ({before_src or 'not measured: pass --before_src=<checkout of f1d12ac>'}) vs after\n"
-        + versus,
-        "## compile time of the umm_1b train step (AOT, abstract state, this CPU)\n" + bench.markdown_table(
-            ("config", "params", "depth", "remat", "attention", "build s", "compile s", "goal"),
-            [("umm_1b" + (" smoke" if small else ""), f"{comp['params']:,}", comp["depth"], comp["remat"],
-              comp["attention"], f"{comp['build_s']:.1f}", f"{comp['compile_s']:.1f}", "<= 60 s")]),
-        "## Qwen2-shaped LM, AdamW f32 train step: sgt_jax vs HF transformers + torch (interleaved)\n"
-        + bench.markdown_table(
-            ("params", "B x S", "steps", "sgt_jax ms", "torch ms", "sgt_jax tok/s", "torch tok/s", "x torch", "goal"),
-            [(f"{lm['params']:,}", f"{lm['batch']} x {lm['seq']}", lm["steps"], f"{lm['jax_ms']:.1f}",
-              f"{lm['torch_ms']:.1f}", f"{lm['jax_tok_s']:.0f}", f"{lm['torch_tok_s']:.0f}", f"{lm['ratio']:.2f}",
-              ">= 1.3")]),
-        "## CFG image sampling (KV cache): sgt_jax generate_codes vs HF generate\n" + bench.markdown_table(
-            ("images", "rows", "prompt", "codes", "rounds", "sgt_jax s", "HF s", "sgt_jax img/s", "HF img/s",
-             "x HF", "goal"),
-            [(smp["images"], smp["rows"], smp["prompt_len"], smp["num_codes"], smp["rounds"], f"{smp['jax_s']:.3f}",
-              f"{smp['hf_s']:.3f}", f"{smp['jax_img_s']:.2f}", f"{smp['hf_img_s']:.2f}", f"{smp['ratio']:.2f}",
-              ">= 2")]),
-    ])
-    payload = {"small": small, "train_step": [r.as_dict() for r in rows], "before_step_s": before,
-               "before_src": before_src, "compile": comp, "lm_vs_torch": lm,
-               "sampler_vs_hf": smp}
-    return payload, text
+    section("## train step after (this checkout)\n" + bench.bench_table(rows))
+    b = {k: v["step_s_median"] for k, v in before.items()}
+    when = "; ".join(f"{k}: {v['date']}" + (" (reused from the cache)" if v.get("reused") else "")
+                     for k, v in before.items())
+    section(f"## train step before ({before_src or 'not measured: pass --before_src=<checkout of f1d12ac>'}"
+            + (f"; timed {when}" if when else "") + ") vs after\n" + bench.markdown_table(
+                ("variant", "before ms", "after ms", "x faster"),
+                [(r.variant, f"{1e3 * b[r.variant]:.1f}" if r.variant in b else "-", f"{1e3 * r.step_s_median:.1f}",
+                  f"{b[r.variant] / r.step_s_median:.2f}" if r.variant in b else "-") for r in rows]))
+    payload = {"small": small, "train_step": [r.as_dict() for r in rows], "before": before,
+               "before_src": before_src, "compile": comp, "lm_vs_torch": lm, "sampler_vs_hf": smp}
+    return payload, "\n\n".join(sections)

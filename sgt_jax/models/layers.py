@@ -17,6 +17,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from absl import logging
 from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
@@ -271,7 +272,11 @@ def splash_shards_evenly(batch: int, heads: int) -> bool:
         return out
 
     batch_ax, heads_ax = nn.logical_to_mesh_axes(("batch", "heads"))
-    return batch % ways(batch_ax) == 0 and heads % ways(heads_ax) == 0
+    even = batch % ways(batch_ax) == 0 and heads % ways(heads_ax) == 0
+    if not even and batch > 1:  # not the 1-row params-init call: say so rather than fall back silently
+        logging.warning("splash attention: batch %d / heads %d do not split over the mesh (%s ways / %s ways); "
+                        "this call uses XLA attention", batch, heads, ways(batch_ax), ways(heads_ax))
+    return even
 
 
 def splash_attention(q, k, v, spec: AttnSpec):
