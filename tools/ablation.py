@@ -169,9 +169,7 @@ def run_stages(work: str, stages: Sequence[Stage], runner: Callable[[list[str]],
         if os.path.exists(marker):  # its time is kept, so the manifest covers runs resumed over sessions
             print(f"[{i}/{len(stages)}] {s.name}: done earlier, skipped", flush=True)
             with open(marker) as f:
-                text = f.read()
-            if text.strip():
-                timings[s.name] = json.loads(text).get("seconds")
+                timings[s.name] = json.load(f)["seconds"]
             continue
         print(f"\n[{i}/{len(stages)}] {s.name}\n  $ {' '.join(s.argv[1:])}", flush=True)
         t = time.time()

@@ -239,7 +239,7 @@ def before_step_seconds(src: str, specs, *, steps: int, warmup: int, cache_dir: 
             if cached and os.path.exists(cached):
                 with open(cached) as f:
                     got = json.load(f)
-                if got["rows"][0].get("n") == steps and got.get("warmup", warmup) == warmup:
+                if got["rows"][0].get("n") == steps and got.get("warmup") == warmup:
                     out[name] = {**got["rows"][0], "date": got["env"]["date"], "reused": cached}
                     continue
             path, _, arg = spec.partition(":")
