@@ -15,6 +15,11 @@ equal-VQA-examples run (segmentation at seed 0 with (ratio + 1) x the steps, so 
 rows as SFT only; the paper's setup is equal steps). A finished stage leaves a marker in
 WORK/.done and is skipped on a re-run; interrupted training resumes from its checkpoint.
 
+Carrying a run to another checkout or machine: WORK is not committed, OUT is. `--report_only` writes
+the report of the runs finished so far (no stage runs); commit OUT, and the same command on a fresh
+checkout restores every finished run (its evaluation and markers) from OUT/runs/ and
+OUT/manifest.json when the stage's command is unchanged, and trains only what is left.
+
 Mixing: `--mixing=batches` (default) interleaves whole single-task batches (two segmentation
 batches, then one SFT batch), as the paper's OmniGen2 code does; `--mixing=rows` mixes rows in every
 batch (what `make demo` uses).
@@ -156,6 +161,60 @@ def _post_steps(post_arg: str) -> int:
     return int(mod.get_config(",".join(x for x in ("proxy=segmentation", post_arg) if x)).train.steps)
 
 
+def _portable(argv: Sequence[str], work: str) -> list[str]:
+    """A stage's argv with the work dir and the checkout written as WORK / ROOT (comparable across machines)."""
+    return [a.replace(work, "WORK").replace(ROOT, "ROOT") for a in argv]
+
+
+_NOT_RESTORED = ("data", "vq", "base")  # cheap, or needed on disk by the runs that are left
+
+
+def restore_finished(work: str, out: str, stages: Sequence[Stage]) -> list[str]:
+    """Restore, from a committed OUT, every finished post-training run and evaluation whose stage
+    commands match the plan: its metrics into WORK/<run>/eval/ and its markers into WORK/.done, with
+    the recorded stage times. -> the names restored. Data, VQ and base stages always run again."""
+    from sgt_jax.eval.umm_results import METRICS_FILE
+
+    path = os.path.join(out, "manifest.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        manifest = json.load(f)
+    recorded, seconds = manifest.get("stage_argv") or {}, manifest.get("stage_seconds") or {}
+    names = {s.name: s for s in stages}
+    restored: list[str] = []
+    for s in stages:
+        if not s.name.endswith("_eval") or os.path.exists(os.path.join(work, ".done", s.name)):
+            continue
+        workdir = next(a.split("=", 1)[1] for a in s.argv if a.startswith("--workdir="))
+        saved = os.path.join(out, "runs", os.path.basename(os.path.normpath(workdir)) + ".json")
+        train = names.get(s.name[: -len("_eval")])
+        pair = [s] + ([train] if train is not None and train.name not in _NOT_RESTORED else [])
+        if not os.path.exists(saved) or any(recorded.get(t.name) != _portable(t.argv[1:], work)
+                                            or t.name not in seconds for t in pair):
+            continue
+        os.makedirs(os.path.dirname(os.path.join(workdir, METRICS_FILE)), exist_ok=True)
+        shutil.copyfile(saved, os.path.join(workdir, METRICS_FILE))
+        os.makedirs(os.path.join(work, ".done"), exist_ok=True)
+        for t in pair:
+            if not os.path.exists(os.path.join(work, ".done", t.name)):
+                with open(os.path.join(work, ".done", t.name), "w") as f:
+                    json.dump({"seconds": seconds[t.name], "argv": t.argv[1:], "restored_from": path}, f)
+                restored.append(t.name)
+    return restored
+
+
+def finished_seconds(work: str, stages: Sequence[Stage]) -> dict[str, float]:
+    """Stage times of the stages with a marker (what a report of a partial run covers)."""
+    out = {}
+    for s in stages:
+        marker = os.path.join(work, ".done", s.name)
+        if os.path.exists(marker):
+            with open(marker) as f:
+                out[s.name] = json.load(f)["seconds"]
+    return out
+
+
 def run_stages(work: str, stages: Sequence[Stage], runner: Callable[[list[str]], int] | None = None) -> dict[str, float]:
     """Run the stages in order, skipping those with a marker in WORK/.done."""
     done = os.path.join(work, ".done")
@@ -205,7 +264,7 @@ def _machine() -> dict:
 
 
 def write_results(out: str, plan: Plan, command: list[str], timings: dict[str, float], profile: str, mixing: str,
-                  seeds: int) -> str:
+                  seeds: int, work: str = "") -> str:
     """OUT/report.md, runs/*.json, summary.json, plots, manifest.json from the evaluated runs."""
     from sgt_jax.eval import report, stats
     from sgt_jax.eval.umm_results import METRICS_FILE, read_metrics
@@ -229,7 +288,10 @@ def write_results(out: str, plan: Plan, command: list[str], timings: dict[str, f
         if ms:
             groups[TITLES[row]] = ms
     ref = TITLES[REFERENCE] if TITLES[REFERENCE] in groups else None
+    left = [s.name for s in plan.stages if s.name not in timings]
     md = [f"# Proxy ablation on Shapes World ({profile} profile, mixing = {mixing}, {seeds} seed(s))", "",
+          *([f"**Partial: {len(left)} of {len(plan.stages)} stages not run yet** ({', '.join(left)}); every "
+             "row below is over the runs finished so far.", ""] if left else []),
           "Post-training rows start from the same base checkpoint with equal steps and batch size and differ only "
           "in the proxy task. Test split.", ""]
     if groups:
@@ -271,7 +333,8 @@ def write_results(out: str, plan: Plan, command: list[str], timings: dict[str, f
         json.dump(summary, f, indent=1, default=float)
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump({"command": command, "commit": _git_commit(), "machine": _machine(), "stage_seconds": timings,
-                   "stages": [s.argv[1:] for s in plan.stages]}, f, indent=1)
+                   "stages_left": left, "work": work,
+                   "stage_argv": {s.name: _portable(s.argv[1:], work) for s in plan.stages}}, f, indent=1)
     return text
 
 
@@ -333,6 +396,8 @@ def parse_args(argv: Sequence[str] | None):
     ap.add_argument("--eval", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="extra eval.umm overrides for every evaluation, e.g. mcq_items=300 splits=('test',)")
     ap.add_argument("--dry_run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--report_only", action="store_true",
+                    help="run no stage: write OUT from the runs finished so far (commit it to carry the run on)")
     args = ap.parse_args(argv)
     if args.profile not in PROFILES:
         ap.error(f"--profile={args.profile!r} is not allowed; allowed: {list(PROFILES)}")
@@ -374,10 +439,13 @@ def main(argv: Sequence[str] | None = None, runner: Callable[[list[str]], int] |
             print(f"{s.name}: {' '.join(s.argv[1:])}")
         return 0
     os.makedirs(work, exist_ok=True)
-    timings = run_stages(work, plan.stages, runner)
+    restored = restore_finished(work, out, plan.stages)
+    if restored:
+        print(f"[ablation] restored {len(restored)} finished stage(s) from {out}: {', '.join(restored)}")
+    timings = finished_seconds(work, plan.stages) if args.report_only else run_stages(work, plan.stages, runner)
     command = [os.path.relpath(sys.argv[0], ROOT) if argv is None else "tools/ablation.py",
                *(sys.argv[1:] if argv is None else argv)]
-    text = write_results(out, plan, command, timings, args.profile, args.mixing, args.seeds)
+    text = write_results(out, plan, command, timings, args.profile, args.mixing, args.seeds, work)
     print("\n" + text)
     print(f"[ablation] wrote {os.path.join(out, 'report.md')}")
     return 0
