@@ -47,15 +47,18 @@ SMALL = LMShape(vocab=512, width=64, depth=2, heads=2, kv_heads=2, head_dim=32, 
 
 
 def _interleaved(first, second, rounds: int) -> tuple[list[float], list[float]]:
-    """Wall seconds of `first()` and `second()` called alternately `rounds` times (noise hits both)."""
+    """Wall seconds of `first()` and `second()`, alternating `rounds` times (noise hits both); each
+    timed call follows an untimed call of the same function. The first call after the other
+    framework ran is slow (measured: sgt_jax's LM step 2947 ms right after two torch steps, then
+    1500 ms, against 1527 ms before torch ran), so timing every call straight after a switch would
+    charge that to whichever runs second."""
     a, b = [], []
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        first()
-        a.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        second()
-        b.append(time.perf_counter() - t0)
+        for fn, times in ((first, a), (second, b)):
+            fn()  # re-warm after the switch
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return a, b
 
 
@@ -261,16 +264,23 @@ def before_step_seconds(src: str, specs, *, steps: int, warmup: int, cache_dir: 
 
 
 def run(small: bool = False, steps: int = 5, warmup: int = 1, before_src: str = "", cache_dir: str = "",
-        fast_steps: int = 0, emit=print) -> tuple[dict, str]:
+        fast_steps: int = 0, emit=print, step_variants=None) -> tuple[dict, str]:
     """Every measurement of the suite -> (json payload, markdown text). `before_src`: a checkout of
     the old code (e.g. f1d12ac) whose own bench times the same train-step variants first (kept in
     `cache_dir` when given). `fast_steps` (default max(steps, 10)): rounds of the millisecond-scale
     LM and sampler comparisons. Each section goes to `emit` as soon as it is measured, so a failure
-    later in the suite keeps what was measured before it."""
+    later in the suite keeps what was measured before it. `step_variants`: the train-step variants
+    to time (default: all of `scale_specs`); an unknown name is a ValueError before anything runs."""
     import bench_lib as bench  # tools/bench_lib.py
 
     fast = fast_steps or max(steps, 10)
     sections: list[str] = []
+    specs, (full_spec, full_over) = scale_specs(small)
+    if step_variants is not None:
+        unknown = sorted(set(step_variants) - {name for name, _, _ in specs})
+        if unknown:
+            raise ValueError(f"step variants {unknown} are not known; allowed: {[name for name, _, _ in specs]}")
+        specs = [sp for sp in specs if sp[0] in step_variants]
 
     def section(text: str) -> None:
         sections.append(text)
@@ -293,7 +303,6 @@ def run(small: bool = False, steps: int = 5, warmup: int = 1, before_src: str = 
         [(smp["images"], smp["rows"], smp["prompt_len"], smp["num_codes"], smp["rounds"], f"{smp['jax_s']:.3f}",
           f"{smp['hf_s']:.3f}", f"{smp['jax_img_s']:.2f}", f"{smp['hf_img_s']:.2f}", f"{smp['ratio']:.2f}",
           ">= 2")]))
-    specs, (full_spec, full_over) = scale_specs(small)
     before = (before_step_seconds(before_src, specs, steps=steps, warmup=warmup, cache_dir=cache_dir)
               if before_src else {})
     comp = umm_compile_seconds(_load(full_spec, full_over))
