@@ -91,7 +91,7 @@ def test_layers_are_scanned_with_a_layers_axis():
     assert q.names == ("layers", "embed", "heads", "kv") and q.value.shape == (2, 32, 4, 8)
     assert boxed["vit"]["blocks"]["fc1"]["kernel"].names == ("layers", "embed", "mlp")
     cache = umm_lib.init_cache(tiny_config(), 3, 20)
-    assert cache["k"].shape == (2, 3, 20, 2, 8) and set(cache) == {"k", "v", "length"}
+    assert cache["k"].shape == (2, 3, 2, 20, 8) and set(cache) == {"k", "v", "length"}  # head-major
 
 
 @pytest.mark.parametrize("policy", ["full", "minimal", "save_dots_except_mlp"])
@@ -398,7 +398,7 @@ def test_decode_step_updates_the_stacked_cache_in_place():
 
     hlo = jax.jit(loop, donate_argnums=1).lower(params, cache).compile().as_text()
     cfg = model.cfg.llm
-    full = f"f32[{cfg.depth},{b},{s},{cfg.num_kv_heads},{cfg.head_dim}]"
+    full = f"f32[{cfg.depth},{b},{cfg.num_kv_heads},{s},{cfg.head_dim}]"
     ops = [m.group(1) for line in hlo.splitlines() if full in line.split("=", 1)[-1].split("(", 1)[0]
            for m in [re.search(r"=\s*\S+\s+([a-z\-]+)\(", line)] if m]
     assert "scatter" in " ".join(ops) or any("fusion" == o for o in ops), ops
@@ -410,3 +410,13 @@ def test_decode_step_updates_the_stacked_cache_in_place():
         _, c = model.apply({"params": params}, step, c, method="decode_step")
     for key in ("k", "v", "length"):
         np.testing.assert_allclose(np.asarray(c_loop[key]), np.asarray(c[key]), atol=1e-6)
+
+
+@pytest.mark.parametrize("lq", [1, 3])
+def test_cached_attention_over_the_head_major_cache_matches_explicit(lq):
+    q, k, v = _qkv(b=3, lq=lq, lk=12)
+    spec = layers.AttnSpec(kv_lengths=jnp.asarray([4, 12, 9], jnp.int32), causal=False)
+    want, want_p = layers.explicit_attention(q, k, v, spec, True)
+    got, got_p = layers.cached_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), spec, True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_p), np.asarray(want_p), atol=1e-6)

@@ -249,6 +249,27 @@ def explicit_attention(q, k, v, spec: AttnSpec, return_probs: bool = False):
     return out, (probs.reshape(b, h, lq, -1) if return_probs else None)
 
 
+def cached_attention(q, k, v, spec: AttnSpec, return_probs: bool = False):
+    """Attention of a few queries over a head-major KV cache (decode steps).
+
+    q: [B, Lq, H, D]; k, v: [B, KVH, S, D], the cache's layout, so both products are plain batched
+    matmuls over (B, KVH). With the cache as [B, S, KVH, D], XLA:CPU transposed the whole layer's
+    cache on every decode step (42% of the sampler's op time). Float32 logits and softmax, masked by
+    the spec (`decode_spec`: keys below each row's length). Returns ([B, Lq, H, D], probs
+    [B, H, Lq, S] or None).
+    """
+    b, lq, h, d = q.shape
+    kvh, length = k.shape[1], k.shape[2]
+    qg = jnp.swapaxes(q.reshape(b, lq, kvh, h // kvh, d), 1, 2).reshape(b, kvh, lq * (h // kvh), d)
+    logits = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    logits = logits.reshape(b, kvh, lq, h // kvh, length)
+    mask = attention_mask(spec, lq, length)[:, :, :, None]  # [B, 1, Lq, 1, S] over (kvh, g)
+    probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, kvh, -1, length).astype(v.dtype), v)
+    out = jnp.swapaxes(out.reshape(b, kvh, lq, h // kvh, d), 1, 2).reshape(b, lq, h, d)
+    return out, (jnp.moveaxis(probs, 2, 3).reshape(b, h, lq, length) if return_probs else None)
+
+
 def fused_attention(q, k, v, spec: AttnSpec, implementation: str | None = None):
     """`jax.nn.dot_product_attention` (XLA or cuDNN): causality and lengths go in as arguments; a
     boolean mask is built only for packed rows (segment ids) or a causal query suffix."""

@@ -13,7 +13,7 @@ writes one token per row at that row's own length, so rows of different prompt l
 together inside a `lax` loop.
 
 The layers run under `nn.scan` (one compiled layer body, parameters stacked on a leading
-`layers` axis, the KV cache one [depth, ...] array per k / v), rematerialised by a named policy
+`layers` axis, the KV cache one head-major [depth, B, kv_heads, S, head_dim] array per k / v), rematerialised by a named policy
 (`layers.REMAT_POLICIES`). Attention takes its mask as lengths / segment ids (`layers.AttnSpec`).
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from sgt_jax.models.layers import (
     AttnSpec,
     DenseGeneral,
+    cached_attention,
     RMSNorm,
     check_impl,
     constrain,
@@ -64,15 +65,15 @@ class LLMConfig:
     scan_unroll: int = 1  # decoder layers unrolled per scan iteration
 
 
-# {"k", "v": [depth, B, max_len, kv_heads, head_dim] (one stacked array each, carried through the
-# layer scan), "length": int32[B]}
+# {"k", "v": [depth, B, kv_heads, max_len, head_dim] (one stacked array each, head-major so a decode
+# step's attention reads it without a transpose, carried through the layer scan), "length": int32[B]}
 Cache = dict[str, Any]
 
 
 def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-    """A zeroed KV cache of static shape [depth, B, max_len, kv_heads, head_dim] per k / v."""
+    """A zeroed KV cache of static shape [depth, B, kv_heads, max_len, head_dim] per k / v."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.depth, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.depth, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "length": jnp.zeros((batch,), jnp.int32)}
 
 
@@ -129,20 +130,20 @@ def _routed(make, name: str, mot: bool, r: GenRoute | None, *args):
 
 
 def _write(cache: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
-    """Write new [B, T, ...] into layer `layer` of the stacked cache [depth, B, S, ...] at per-row
-    sequence offsets index [B].
+    """Write new K or V [B, T, KVH, D] into layer `layer` of the stacked head-major cache
+    [depth, B, KVH, S, D] at per-row sequence offsets index [B].
 
     The stacked cache is the layer scan's carry, so a decode step updates it in place: one scatter
     of B rows. As the scan's sliced input and stacked output instead, every decode step copied and
-    re-stacked the whole cache (measured 21.9 vs 14.9 ms a decode step on the speed suite's sampler
-    shape: 6 layers, 32 rows, 160 positions, XLA:CPU; the suite's CFG-sampling section times it end
-    to end).
+    re-stacked the whole cache. On the speed suite's sampler shape (6 layers, 32 rows, 160 positions,
+    XLA:CPU) a decode step took 21.8 ms before, 14.9 ms with the carried cache, and 6.7 ms with the
+    head-major layout as well (`layers.cached_attention`).
     """
     new = new.astype(cache.dtype)
-    if new.shape[1] == 1:
-        return cache.at[layer, jnp.arange(new.shape[0]), index].set(new[:, 0])
-    part = jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(
-        jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False), new, index)
+    if new.shape[1] == 1:  # advanced indices around the KVH slice: the update is [B, KVH, D]
+        return cache.at[layer, jnp.arange(new.shape[0]), :, index].set(new[:, 0])
+    part = jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=1))(
+        jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False), jnp.swapaxes(new, 1, 2), index)
     return jax.lax.dynamic_update_index_in_dim(cache, part, layer, 0)
 
 
@@ -196,10 +197,12 @@ class Attention(nn.Module):
         new_cache = None
         if cache is not None:
             new_cache = {n: _write(cache[n], t, layer, write_index) for n, t in (("k", k), ("v", v))}
-            if spec.decode:  # attend over everything cached so far (the spec masks the unwritten tail)
-                k, v = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, 0, keepdims=False).astype(dt)
-                        for n in ("k", "v"))
-        out, probs = dot_attention(q, k, v, spec, spec.return_probs)
+        if new_cache is not None and spec.decode:  # over everything cached so far (the spec masks the tail)
+            kc, vc = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, 0, keepdims=False).astype(dt)
+                      for n in ("k", "v"))
+            out, probs = cached_attention(q, kc, vc, spec, spec.return_probs)
+        else:
+            out, probs = dot_attention(q, k, v, spec, spec.return_probs)
 
         def out_proj(name):
             return DenseGeneral((cfg.width,), ("heads", "kv", "embed"), in_dims=2, use_bias=cfg.attn_out_bias,
