@@ -378,7 +378,7 @@ def test_flat_dot_general_equals_dot_general_with_grads(dims, lhs_shape, rhs_sha
 
 def test_decode_step_updates_the_stacked_cache_in_place():
     """The cache rides in the layer scan's carry: the compiled decode loop writes each new K/V row
-    with a scatter and never copies, re-stacks or re-zeroes the whole [depth, B, S, kv, hd] cache
+    with a scatter and never copies, re-stacks or re-zeroes the whole [depth, B, kv, S, hd] cache
     (which made each decode step copy the cache twice). Checked on the compiled HLO of a decode loop."""
     import re
 
