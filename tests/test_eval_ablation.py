@@ -138,6 +138,11 @@ def test_driver_end_to_end_with_simulated_runs(tmp_path, monkeypatch):
     assert manifest["command"][0] == "tools/ablation.py" and manifest["commit"] and manifest["machine"]["cpus"]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["rows"]) == {"base", "+SFT only", "+SFT+SGT (instance segmentation)"}
+    # the single base run pairs with SFT-only seed 0 only: its items are not counted once per seed
+    base_cv = next(r for r in summary["vs_reference"] if r["row"] == "base" and r["measure"] == "CV-Bench (all items)")
+    sgt_cv = next(r for r in summary["vs_reference"] if r["row"].startswith("+SFT+SGT")
+                  and r["measure"] == "CV-Bench (all items)")
+    assert (base_cv["seeds"], sgt_cv["seeds"]) == (1, 3) and sgt_cv["items"] == 3 * base_cv["items"] == 3 * 4 * 24
     assert len(list((out / "runs").glob("*.json"))) == 7 and (out / "ablation_rows.png").exists()
     # resumable: a second run trains and evaluates nothing, and its manifest keeps the first run's
     # stage times (read back from the markers)
@@ -175,6 +180,7 @@ def test_driver_carries_a_partial_run_to_a_fresh_checkout(tmp_path, monkeypatch)
     assert ran == ["vq", "base", "segmentation_s1", "segmentation_s1"]  # VQ and base always again; one run left
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages_left"] == [] and "Partial" not in (out / "report.md").read_text()
+    assert manifest["stages_commit"] and "stages ran at commit" in (out / "report.md").read_text()
     assert {k: v for k, v in manifest["stage_seconds"].items() if k in done and k not in ("vq", "base")} == \
         {k: v for k, v in done.items() if k not in ("vq", "base")}
     # a changed stage command is not restored: every post-training run trains again (base_eval's

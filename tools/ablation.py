@@ -199,20 +199,26 @@ def restore_finished(work: str, out: str, stages: Sequence[Stage]) -> list[str]:
         for t in pair:
             if not os.path.exists(os.path.join(work, ".done", t.name)):
                 with open(os.path.join(work, ".done", t.name), "w") as f:
-                    json.dump({"seconds": seconds[t.name], "argv": t.argv[1:], "restored_from": path}, f)
+                    json.dump({"seconds": seconds[t.name], "argv": t.argv[1:], "restored_from": path,
+                               "commit": manifest.get("stages_commit") or manifest.get("commit", "unknown")}, f)
                 restored.append(t.name)
     return restored
 
 
-def finished_seconds(work: str, stages: Sequence[Stage]) -> dict[str, float]:
-    """Stage times of the stages with a marker (what a report of a partial run covers)."""
-    out = {}
+def finished_stages(work: str, stages: Sequence[Stage], fallback_commit: str) -> tuple[dict[str, float], str]:
+    """(stage times, the commit(s) they ran at) of the stages with a marker; a marker without a commit
+    (written before markers recorded it) counts as `fallback_commit`."""
+    seconds, commits = {}, {}
     for s in stages:
         marker = os.path.join(work, ".done", s.name)
         if os.path.exists(marker):
             with open(marker) as f:
-                out[s.name] = json.load(f)["seconds"]
-    return out
+                m = json.load(f)
+            seconds[s.name] = m["seconds"]
+            commits.setdefault(m.get("commit") or fallback_commit, []).append(s.name)
+    if len(commits) <= 1:
+        return seconds, next(iter(commits), fallback_commit)
+    return seconds, "; ".join(f"{c} ({len(names)} stages: {', '.join(names)})" for c, names in commits.items())
 
 
 def run_stages(work: str, stages: Sequence[Stage], runner: Callable[[list[str]], int] | None = None) -> dict[str, float]:
@@ -223,6 +229,7 @@ def run_stages(work: str, stages: Sequence[Stage], runner: Callable[[list[str]],
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3",
                JAX_COMPILATION_CACHE_DIR=os.path.join(work, ".jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     run = runner or (lambda argv: subprocess.call(argv, cwd=ROOT, env=env))
+    commit = _git_commit()
     for i, s in enumerate(stages, 1):
         marker = os.path.join(done, s.name)
         if os.path.exists(marker):  # its time is kept, so the manifest covers runs resumed over sessions
@@ -237,7 +244,7 @@ def run_stages(work: str, stages: Sequence[Stage], runner: Callable[[list[str]],
             raise SystemExit(f"stage {s.name} failed with exit code {rc}; re-run the same command to resume")
         timings[s.name] = round(time.time() - t, 1)
         with open(marker, "w") as f:
-            json.dump({"seconds": timings[s.name], "argv": s.argv[1:]}, f)
+            json.dump({"seconds": timings[s.name], "argv": s.argv[1:], "commit": commit}, f)
     return timings
 
 
@@ -264,8 +271,9 @@ def _machine() -> dict:
 
 
 def write_results(out: str, plan: Plan, command: list[str], timings: dict[str, float], profile: str, mixing: str,
-                  seeds: int, work: str = "") -> str:
-    """OUT/report.md, runs/*.json, summary.json, plots, manifest.json from the evaluated runs."""
+                  seeds: int, work: str = "", stages_commit: str = "") -> str:
+    """OUT/report.md, runs/*.json, summary.json, plots, manifest.json from the evaluated runs.
+    `stages_commit`: the commit(s) the stages ran at (`finished_stages`)."""
     from sgt_jax.eval import report, stats
     from sgt_jax.eval.umm_results import METRICS_FILE, read_metrics
 
@@ -319,7 +327,10 @@ def write_results(out: str, plan: Plan, command: list[str], timings: dict[str, f
                report.paired_table(eq_metrics, [(k, keys[0]) for k in keys[1:]], "test"), ""]
     pngs = _plots(out, groups, ratio_metrics)
     md += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] + [""]
-    md += ["## Provenance", "", f"- command: `{' '.join(command)}`", f"- commit: {_git_commit()}",
+    commit = _git_commit()
+    stages_commit = stages_commit or commit
+    md += ["## Provenance", "", f"- command: `{' '.join(command)}`", f"- stages ran at commit: {stages_commit}",
+           *([f"- report written at commit: {commit}"] if commit != stages_commit else []),
            f"- machine: {json.dumps(_machine())}", f"- finished: {datetime.datetime.now(datetime.timezone.utc).isoformat()}",
            f"- per-run metrics: `runs/` ({len(saved)} files)", ""]
     text = "\n".join(md)
@@ -332,7 +343,8 @@ def write_results(out: str, plan: Plan, command: list[str], timings: dict[str, f
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=float)
     with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump({"command": command, "commit": _git_commit(), "machine": _machine(), "stage_seconds": timings,
+        json.dump({"command": command, "commit": commit, "stages_commit": stages_commit, "machine": _machine(),
+                   "stage_seconds": timings,
                    "stages_left": left, "work": work,
                    "stage_argv": {s.name: _portable(s.argv[1:], work) for s in plan.stages}}, f, indent=1)
     return text
@@ -442,10 +454,17 @@ def main(argv: Sequence[str] | None = None, runner: Callable[[list[str]], int] |
     restored = restore_finished(work, out, plan.stages)
     if restored:
         print(f"[ablation] restored {len(restored)} finished stage(s) from {out}: {', '.join(restored)}")
-    timings = finished_seconds(work, plan.stages) if args.report_only else run_stages(work, plan.stages, runner)
+    if not args.report_only:
+        run_stages(work, plan.stages, runner)
     command = [os.path.relpath(sys.argv[0], ROOT) if argv is None else "tools/ablation.py",
                *(sys.argv[1:] if argv is None else argv)]
-    text = write_results(out, plan, command, timings, args.profile, args.mixing, args.seeds, work)
+    fallback = _git_commit()
+    if os.path.exists(os.path.join(out, "manifest.json")):  # markers from before they recorded commits
+        with open(os.path.join(out, "manifest.json")) as f:
+            previous = json.load(f)
+        fallback = previous.get("stages_commit") or previous.get("commit") or fallback
+    timings, stages_commit = finished_stages(work, plan.stages, fallback)
+    text = write_results(out, plan, command, timings, args.profile, args.mixing, args.seeds, work, stages_commit)
     print("\n" + text)
     print(f"[ablation] wrote {os.path.join(out, 'report.md')}")
     return 0
