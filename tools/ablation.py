@@ -154,11 +154,15 @@ def make_plan(work: str, profile: str, *, rows: Sequence[str], seeds: int, ratio
 
 
 def _post_steps(post_arg: str) -> int:
-    """Steps of one post-training run at this profile (SFT only and every proxy train the same)."""
-    from sgt_jax.config import config_module
+    """Steps of one post-training run at this profile (SFT only and every proxy train the same): the
+    finalized config's, which derives them from train.num_examples (unfinalized, train.steps is -1)."""
+    from sgt_jax.config import config_module, finalize
 
     mod = config_module(os.path.join(ROOT, "configs", "ablation_shapes.py"))
-    return int(mod.get_config(",".join(x for x in ("proxy=segmentation", post_arg) if x)).train.steps)
+    steps = int(finalize(mod.get_config(",".join(x for x in ("proxy=segmentation", post_arg) if x))).train.steps)
+    if steps <= 0:
+        raise ValueError(f"post-training at profile arg {post_arg!r} has {steps} steps")
+    return steps
 
 
 def _portable(argv: Sequence[str], work: str) -> list[str]:
