@@ -61,6 +61,12 @@ def test_driver_plan_flags_and_errors(capsys):
     with pytest.raises(SystemExit) as e:
         tool.parse_args(["--eval", "mcq_itemz=3"])
     assert e.value.code == 2 and "mcq_itemz" in capsys.readouterr().err
+    # equal VQA examples: 3x the steps of one post-training run (a stage built with steps=-3 once
+    # failed after 50 stages had run: the unfinalized config's train.steps is -1)
+    steps = tool._post_steps("quick")
+    eq = next(s for s in tool.make_plan("/w", "quick", rows=("none",), seeds=1, ratios=(), equal_vqa=True,
+                                        mixing="rows").stages if s.name == "segmentation_equal_vqa_s0")
+    assert steps > 0 and f"steps={3 * steps}" in eq.argv[2]
     plan = tool.make_plan("/w", "quick", rows=("none",), seeds=1, ratios=(), equal_vqa=False, mixing="rows",
                           eval_overrides=("mcq_items=300",))
     assert plan.stages[-1].argv[-1] == "--config.eval.umm.mcq_items=300"
