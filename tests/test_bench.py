@@ -169,3 +169,16 @@ def test_scale_suite_loads_its_configs_and_reuses_the_old_checkouts_timings(tmp_
     with pytest.raises(FileNotFoundError):  # steps differ: the old checkout is timed again (faked here)
         scale_bench.before_step_seconds("/old", specs[:1], steps=5, warmup=1, cache_dir=str(tmp_path))
     assert len(calls) == 1 and "--steps=5" in calls[0]
+
+
+def test_scale_suite_interleaves_with_a_rewarm_and_checks_its_variants():
+    """Each timed call follows an untimed call of the same function (the first call after the other
+    framework ran is slow), alternating frameworks; an unknown train-step variant fails before
+    anything is measured."""
+    import scale_bench
+
+    log = []
+    a, b = scale_bench._interleaved(lambda: log.append("a"), lambda: log.append("b"), rounds=2)
+    assert log == ["a", "a", "b", "b", "a", "a", "b", "b"] and len(a) == len(b) == 2
+    with pytest.raises(ValueError, match="umm_7b.*allowed"):
+        scale_bench.run(small=True, step_variants=["umm_7b"], emit=lambda t: pytest.fail("measured: " + t))

@@ -61,6 +61,12 @@ def test_driver_plan_flags_and_errors(capsys):
     with pytest.raises(SystemExit) as e:
         tool.parse_args(["--eval", "mcq_itemz=3"])
     assert e.value.code == 2 and "mcq_itemz" in capsys.readouterr().err
+    # equal VQA examples: 3x the steps of one post-training run (a stage built with steps=-3 once
+    # failed after 50 stages had run: the unfinalized config's train.steps is -1)
+    steps = tool._post_steps("quick")
+    eq = next(s for s in tool.make_plan("/w", "quick", rows=("none",), seeds=1, ratios=(), equal_vqa=True,
+                                        mixing="rows").stages if s.name == "segmentation_equal_vqa_s0")
+    assert steps > 0 and f"steps={3 * steps}" in eq.argv[2]
     plan = tool.make_plan("/w", "quick", rows=("none",), seeds=1, ratios=(), equal_vqa=False, mixing="rows",
                           eval_overrides=("mcq_items=300",))
     assert plan.stages[-1].argv[-1] == "--config.eval.umm.mcq_items=300"
@@ -76,24 +82,21 @@ def test_driver_plan_flags_and_errors(capsys):
                if s.name == "none_s0")
 
 
-def test_driver_end_to_end_with_simulated_runs(tmp_path, monkeypatch):
-    """The driver's stages, resume markers and report on simulated evaluations (the real micro run is
-    `tools/ablation.py --profile=micro ...`; here the runner fakes training and writes metrics that
-    the real scorers computed from simulated answers)."""
-    import json
-
+def _simulated_runner(calls, monkeypatch, fail_at: str = ""):
+    """A stage runner that fakes training and writes metrics the real scorers computed from simulated
+    answers (skill per row); it fails (exit 1) on the stage whose workdir ends with `fail_at`."""
     import numpy as np
 
     from sgt_jax.data import shapes_world as sw
     from sgt_jax.eval import cvbench, geneval, umm_results
 
-    tool = _tool()
     skill = {"base": 0.3, "none": 0.5, "segmentation": 0.95}
-    calls = []
 
     def runner(argv):
         calls.append(argv)
         workdir = next(a.split("=", 1)[1] for a in argv if a.startswith("--workdir="))
+        if fail_at and workdir.endswith(fail_at):
+            return 1
         if argv[1] != "tools/evaluate.py":
             os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
             return 0
@@ -116,6 +119,18 @@ def test_driver_end_to_end_with_simulated_runs(tmp_path, monkeypatch):
                                                                          "segmentation": seg}}})
         return 0
 
+    return runner
+
+
+def test_driver_end_to_end_with_simulated_runs(tmp_path, monkeypatch):
+    """The driver's stages, resume markers and report on simulated evaluations (the real micro run is
+    `tools/ablation.py --profile=micro ...`)."""
+    import json
+
+    tool = _tool()
+    calls = []
+    runner = _simulated_runner(calls, monkeypatch)
+
     out, work = tmp_path / "results", tmp_path / "work"
     argv = [f"--out={out}", f"--work={work}", "--profile=micro", "--rows=base,none,segmentation", "--seeds=3",
             "--ratios=", "--no-equal_vqa"]
@@ -129,6 +144,11 @@ def test_driver_end_to_end_with_simulated_runs(tmp_path, monkeypatch):
     assert manifest["command"][0] == "tools/ablation.py" and manifest["commit"] and manifest["machine"]["cpus"]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["rows"]) == {"base", "+SFT only", "+SFT+SGT (instance segmentation)"}
+    # the single base run pairs with SFT-only seed 0 only: its items are not counted once per seed
+    base_cv = next(r for r in summary["vs_reference"] if r["row"] == "base" and r["measure"] == "CV-Bench (all items)")
+    sgt_cv = next(r for r in summary["vs_reference"] if r["row"].startswith("+SFT+SGT")
+                  and r["measure"] == "CV-Bench (all items)")
+    assert (base_cv["seeds"], sgt_cv["seeds"]) == (1, 3) and sgt_cv["items"] == 3 * base_cv["items"] == 3 * 4 * 24
     assert len(list((out / "runs").glob("*.json"))) == 7 and (out / "ablation_rows.png").exists()
     # resumable: a second run trains and evaluates nothing, and its manifest keeps the first run's
     # stage times (read back from the markers)
@@ -136,3 +156,43 @@ def test_driver_end_to_end_with_simulated_runs(tmp_path, monkeypatch):
     first_times = manifest["stage_seconds"]
     assert tool.main(argv, runner=runner) == 0 and len(calls) == n
     assert json.loads((out / "manifest.json").read_text())["stage_seconds"] == first_times
+
+
+def test_driver_carries_a_partial_run_to_a_fresh_checkout(tmp_path, monkeypatch):
+    """A run that stops part-way writes a partial report with --report_only; with only OUT kept (WORK
+    is not committed), the same command restores the finished runs and trains only what is left."""
+    import json
+    import shutil
+
+    tool = _tool()
+    out, work = tmp_path / "results", tmp_path / "work"
+    argv = [f"--out={out}", f"--work={work}", "--profile=micro", "--rows=base,none,segmentation", "--seeds=2",
+            "--ratios=", "--no-equal_vqa"]
+    calls = []
+    with pytest.raises(SystemExit, match="segmentation_s1"):
+        tool.main(argv, runner=_simulated_runner(calls, monkeypatch, fail_at="segmentation_s1"))
+    assert tool.main(argv + ["--report_only"], runner=_simulated_runner(calls, monkeypatch)) == 0
+    md = (out / "report.md").read_text()
+    assert "**Partial: 2 of 11 stages not run yet** (segmentation_s1, segmentation_s1_eval)" in md
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages_left"] == ["segmentation_s1", "segmentation_s1_eval"]
+    assert all(str(work) not in a for argv_ in manifest["stage_argv"].values() for a in argv_)
+    done = manifest["stage_seconds"]
+
+    shutil.rmtree(work)  # a fresh checkout: OUT was committed, WORK was not
+    calls.clear()
+    assert tool.main(argv, runner=_simulated_runner(calls, monkeypatch)) == 0
+    ran = [next(a.split("=", 1)[1] for a in c if a.startswith("--workdir=")).rsplit("/", 1)[1] for c in calls]
+    assert ran == ["vq", "base", "segmentation_s1", "segmentation_s1"]  # VQ and base always again; one run left
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages_left"] == [] and "Partial" not in (out / "report.md").read_text()
+    assert manifest["stages_commit"] and "stages ran at commit" in (out / "report.md").read_text()
+    assert {k: v for k, v in manifest["stage_seconds"].items() if k in done and k not in ("vq", "base")} == \
+        {k: v for k, v in done.items() if k not in ("vq", "base")}
+    # a changed stage command is not restored: every post-training run trains again (base_eval's
+    # command is unchanged, so it is restored)
+    shutil.rmtree(work)
+    calls.clear()
+    assert tool.main(argv + ["--mixing=rows"], runner=_simulated_runner(calls, monkeypatch)) == 0
+    evaluated = [next(a for a in c if a.startswith("--workdir=")) for c in calls if c[1] == "tools/evaluate.py"]
+    assert len(calls) == 10 and len(evaluated) == 4 and not any(w.endswith("/base") for w in evaluated)

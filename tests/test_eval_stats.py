@@ -62,6 +62,10 @@ def test_mcnemar_known_p_values():
     assert pb["verdict"] == stats.SIGNIFICANT and pb["delta"] == 1.0
     pt = stats.paired_t([0.5, 0.6, 0.55], [0.5, 0.6, 0.55])
     assert pt["verdict"] == stats.NOT_DISTINGUISHABLE
+    # a constant difference without seed variance (one run repeated against every seed) is undefined,
+    # not significant
+    pt = stats.paired_t([0.004] * 3, [0.0] * 3)
+    assert np.isnan(pt["p"]) and pt["verdict"] == stats.NOT_DISTINGUISHABLE
     si = stats.seed_interval([0.4, 0.5, 0.6])
     assert si["mean"] == pytest.approx(0.5) and si["lo"] < 0.4 and si["hi"] > 0.6
 

@@ -120,7 +120,7 @@ def test_kv_cache_sharded_over_tensor():
     shard = sharding.kv_cache_shardings(cache, mesh, rules)
     specs = {s.spec for s in jax.tree.leaves(shard)}
     kv_specs = [s.spec for c, s in zip(jax.tree.leaves(cache), jax.tree.leaves(shard), strict=True) if c.ndim >= 4]
-    assert kv_specs and all(s[-2] == "tensor" for s in kv_specs), specs
+    assert kv_specs and all(s[-3] == "tensor" for s in kv_specs), specs  # [layers, B, KVH, S, D]
     cache = jax.jit(lambda: llm_lib.init_cache(mcfg.llm, 4, 16), out_shardings=shard)()
     leaf = next(c for c in jax.tree.leaves(cache) if c.ndim >= 4)
-    assert leaf.addressable_shards[0].data.shape[-2] == leaf.shape[-2] // 2
+    assert leaf.addressable_shards[0].data.shape[-3] == leaf.shape[-3] // 2

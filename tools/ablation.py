@@ -15,6 +15,11 @@ equal-VQA-examples run (segmentation at seed 0 with (ratio + 1) x the steps, so 
 rows as SFT only; the paper's setup is equal steps). A finished stage leaves a marker in
 WORK/.done and is skipped on a re-run; interrupted training resumes from its checkpoint.
 
+Carrying a run to another checkout or machine: WORK is not committed, OUT is. `--report_only` writes
+the report of the runs finished so far (no stage runs); commit OUT, and the same command on a fresh
+checkout restores every finished run (its evaluation and markers) from OUT/runs/ and
+OUT/manifest.json when the stage's command is unchanged, and trains only what is left.
+
 Mixing: `--mixing=batches` (default) interleaves whole single-task batches (two segmentation
 batches, then one SFT batch), as the paper's OmniGen2 code does; `--mixing=rows` mixes rows in every
 batch (what `make demo` uses).
@@ -160,6 +165,66 @@ def _post_steps(post_arg: str) -> int:
     return steps
 
 
+def _portable(argv: Sequence[str], work: str) -> list[str]:
+    """A stage's argv with the work dir and the checkout written as WORK / ROOT (comparable across machines)."""
+    return [a.replace(work, "WORK").replace(ROOT, "ROOT") for a in argv]
+
+
+_NOT_RESTORED = ("data", "vq", "base")  # cheap, or needed on disk by the runs that are left
+
+
+def restore_finished(work: str, out: str, stages: Sequence[Stage]) -> list[str]:
+    """Restore, from a committed OUT, every finished post-training run and evaluation whose stage
+    commands match the plan: its metrics into WORK/<run>/eval/ and its markers into WORK/.done, with
+    the recorded stage times. -> the names restored. Data, VQ and base stages always run again."""
+    from sgt_jax.eval.umm_results import METRICS_FILE
+
+    path = os.path.join(out, "manifest.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        manifest = json.load(f)
+    recorded, seconds = manifest.get("stage_argv") or {}, manifest.get("stage_seconds") or {}
+    names = {s.name: s for s in stages}
+    restored: list[str] = []
+    for s in stages:
+        if not s.name.endswith("_eval") or os.path.exists(os.path.join(work, ".done", s.name)):
+            continue
+        workdir = next(a.split("=", 1)[1] for a in s.argv if a.startswith("--workdir="))
+        saved = os.path.join(out, "runs", os.path.basename(os.path.normpath(workdir)) + ".json")
+        train = names.get(s.name[: -len("_eval")])
+        pair = [s] + ([train] if train is not None and train.name not in _NOT_RESTORED else [])
+        if not os.path.exists(saved) or any(recorded.get(t.name) != _portable(t.argv[1:], work)
+                                            or t.name not in seconds for t in pair):
+            continue
+        os.makedirs(os.path.dirname(os.path.join(workdir, METRICS_FILE)), exist_ok=True)
+        shutil.copyfile(saved, os.path.join(workdir, METRICS_FILE))
+        os.makedirs(os.path.join(work, ".done"), exist_ok=True)
+        for t in pair:
+            if not os.path.exists(os.path.join(work, ".done", t.name)):
+                with open(os.path.join(work, ".done", t.name), "w") as f:
+                    json.dump({"seconds": seconds[t.name], "argv": t.argv[1:], "restored_from": path,
+                               "commit": manifest.get("stages_commit") or manifest.get("commit", "unknown")}, f)
+                restored.append(t.name)
+    return restored
+
+
+def finished_stages(work: str, stages: Sequence[Stage], fallback_commit: str) -> tuple[dict[str, float], str]:
+    """(stage times, the commit(s) they ran at) of the stages with a marker; a marker without a commit
+    (written before markers recorded it) counts as `fallback_commit`."""
+    seconds, commits = {}, {}
+    for s in stages:
+        marker = os.path.join(work, ".done", s.name)
+        if os.path.exists(marker):
+            with open(marker) as f:
+                m = json.load(f)
+            seconds[s.name] = m["seconds"]
+            commits.setdefault(m.get("commit") or fallback_commit, []).append(s.name)
+    if len(commits) <= 1:
+        return seconds, next(iter(commits), fallback_commit)
+    return seconds, "; ".join(f"{c} ({len(names)} stages: {', '.join(names)})" for c, names in commits.items())
+
+
 def run_stages(work: str, stages: Sequence[Stage], runner: Callable[[list[str]], int] | None = None) -> dict[str, float]:
     """Run the stages in order, skipping those with a marker in WORK/.done."""
     done = os.path.join(work, ".done")
@@ -168,6 +233,7 @@ def run_stages(work: str, stages: Sequence[Stage], runner: Callable[[list[str]],
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3",
                JAX_COMPILATION_CACHE_DIR=os.path.join(work, ".jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     run = runner or (lambda argv: subprocess.call(argv, cwd=ROOT, env=env))
+    commit = _git_commit()
     for i, s in enumerate(stages, 1):
         marker = os.path.join(done, s.name)
         if os.path.exists(marker):  # its time is kept, so the manifest covers runs resumed over sessions
@@ -182,7 +248,7 @@ def run_stages(work: str, stages: Sequence[Stage], runner: Callable[[list[str]],
             raise SystemExit(f"stage {s.name} failed with exit code {rc}; re-run the same command to resume")
         timings[s.name] = round(time.time() - t, 1)
         with open(marker, "w") as f:
-            json.dump({"seconds": timings[s.name], "argv": s.argv[1:]}, f)
+            json.dump({"seconds": timings[s.name], "argv": s.argv[1:], "commit": commit}, f)
     return timings
 
 
@@ -209,8 +275,9 @@ def _machine() -> dict:
 
 
 def write_results(out: str, plan: Plan, command: list[str], timings: dict[str, float], profile: str, mixing: str,
-                  seeds: int) -> str:
-    """OUT/report.md, runs/*.json, summary.json, plots, manifest.json from the evaluated runs."""
+                  seeds: int, work: str = "", stages_commit: str = "") -> str:
+    """OUT/report.md, runs/*.json, summary.json, plots, manifest.json from the evaluated runs.
+    `stages_commit`: the commit(s) the stages ran at (`finished_stages`)."""
     from sgt_jax.eval import report, stats
     from sgt_jax.eval.umm_results import METRICS_FILE, read_metrics
 
@@ -233,7 +300,10 @@ def write_results(out: str, plan: Plan, command: list[str], timings: dict[str, f
         if ms:
             groups[TITLES[row]] = ms
     ref = TITLES[REFERENCE] if TITLES[REFERENCE] in groups else None
+    left = [s.name for s in plan.stages if s.name not in timings]
     md = [f"# Proxy ablation on Shapes World ({profile} profile, mixing = {mixing}, {seeds} seed(s))", "",
+          *([f"**Partial: {len(left)} of {len(plan.stages)} stages not run yet** ({', '.join(left)}); every "
+             "row below is over the runs finished so far.", ""] if left else []),
           "Post-training rows start from the same base checkpoint with equal steps and batch size and differ only "
           "in the proxy task. Test split.", ""]
     if groups:
@@ -261,7 +331,10 @@ def write_results(out: str, plan: Plan, command: list[str], timings: dict[str, f
                report.paired_table(eq_metrics, [(k, keys[0]) for k in keys[1:]], "test"), ""]
     pngs = _plots(out, groups, ratio_metrics)
     md += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] + [""]
-    md += ["## Provenance", "", f"- command: `{' '.join(command)}`", f"- commit: {_git_commit()}",
+    commit = _git_commit()
+    stages_commit = stages_commit or commit
+    md += ["## Provenance", "", f"- command: `{' '.join(command)}`", f"- stages ran at commit: {stages_commit}",
+           *([f"- report written at commit: {commit}"] if commit != stages_commit else []),
            f"- machine: {json.dumps(_machine())}", f"- finished: {datetime.datetime.now(datetime.timezone.utc).isoformat()}",
            f"- per-run metrics: `runs/` ({len(saved)} files)", ""]
     text = "\n".join(md)
@@ -274,8 +347,10 @@ def write_results(out: str, plan: Plan, command: list[str], timings: dict[str, f
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=float)
     with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump({"command": command, "commit": _git_commit(), "machine": _machine(), "stage_seconds": timings,
-                   "stages": [s.argv[1:] for s in plan.stages]}, f, indent=1)
+        json.dump({"command": command, "commit": commit, "stages_commit": stages_commit, "machine": _machine(),
+                   "stage_seconds": timings,
+                   "stages_left": left, "work": work,
+                   "stage_argv": {s.name: _portable(s.argv[1:], work) for s in plan.stages}}, f, indent=1)
     return text
 
 
@@ -337,6 +412,8 @@ def parse_args(argv: Sequence[str] | None):
     ap.add_argument("--eval", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="extra eval.umm overrides for every evaluation, e.g. mcq_items=300 splits=('test',)")
     ap.add_argument("--dry_run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--report_only", action="store_true",
+                    help="run no stage: write OUT from the runs finished so far (commit it to carry the run on)")
     args = ap.parse_args(argv)
     if args.profile not in PROFILES:
         ap.error(f"--profile={args.profile!r} is not allowed; allowed: {list(PROFILES)}")
@@ -378,10 +455,20 @@ def main(argv: Sequence[str] | None = None, runner: Callable[[list[str]], int] |
             print(f"{s.name}: {' '.join(s.argv[1:])}")
         return 0
     os.makedirs(work, exist_ok=True)
-    timings = run_stages(work, plan.stages, runner)
+    restored = restore_finished(work, out, plan.stages)
+    if restored:
+        print(f"[ablation] restored {len(restored)} finished stage(s) from {out}: {', '.join(restored)}")
+    if not args.report_only:
+        run_stages(work, plan.stages, runner)
     command = [os.path.relpath(sys.argv[0], ROOT) if argv is None else "tools/ablation.py",
                *(sys.argv[1:] if argv is None else argv)]
-    text = write_results(out, plan, command, timings, args.profile, args.mixing, args.seeds)
+    fallback = _git_commit()
+    if os.path.exists(os.path.join(out, "manifest.json")):  # markers from before they recorded commits
+        with open(os.path.join(out, "manifest.json")) as f:
+            previous = json.load(f)
+        fallback = previous.get("stages_commit") or previous.get("commit") or fallback
+    timings, stages_commit = finished_stages(work, plan.stages, fallback)
+    text = write_results(out, plan, command, timings, args.profile, args.mixing, args.seeds, work, stages_commit)
     print("\n" + text)
     print(f"[ablation] wrote {os.path.join(out, 'report.md')}")
     return 0

@@ -49,6 +49,9 @@ _SUITE = flags.DEFINE_enum("suite", "", ["", "scale", "scale_small"],
                            "Run the issue-10 speed suite instead (tools/scale_bench.py; --config is then ignored): "
                            "train step, umm_1b compile time, tokens/s vs torch, CFG sampling vs HF generate. "
                            "'scale_small' shrinks every size (a quick check that the suite runs).")
+_SUITE_STEPS = flags.DEFINE_list("suite_steps", ["base_shapes", "umm_1b_2layer"],
+                                 "With --suite: the train-step variants it times before and after (the umm_1b "
+                                 "2-layer slice takes ~200 s a step on 2 CPU cores).")
 _BEFORE = flags.DEFINE_string("before_src", "", "With --suite: a checkout of the old code (e.g. `git worktree add "
                               "/tmp/before f1d12ac`) whose tools/bench.py times the same train steps first.")
 
@@ -153,7 +156,8 @@ def run_suite(small: bool) -> None:
     print(header, flush=True)
     cache = _OUT.value + "_before" if _OUT.value else ""  # the old checkout's timings, reused on a re-run
     payload, text = scale_bench.run(small=small, steps=_STEPS.value, warmup=_WARMUP.value, before_src=_BEFORE.value,
-                                    cache_dir=cache, emit=lambda t: print(t, flush=True))
+                                    cache_dir=cache, emit=lambda t: print(t, flush=True),
+                                    step_variants=_SUITE_STEPS.value)
     if _OUT.value:
         write_out(_OUT.value, {"env": env, "mode": "suite", **payload}, text, header)
         print(f"wrote {_OUT.value}.json / .md")

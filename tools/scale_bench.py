@@ -46,17 +46,20 @@ class LMShape:
 SMALL = LMShape(vocab=512, width=64, depth=2, heads=2, kv_heads=2, head_dim=32, mlp=128)
 
 
-def _interleaved(first, second, rounds: int) -> tuple[list[float], list[float]]:
-    """Wall seconds of `first()` and `second()` called alternately `rounds` times (noise hits both)."""
-    a, b = [], []
+def _interleaved(*fns, rounds: int) -> list[list[float]]:
+    """Wall seconds of each of `fns`, called in turn `rounds` times (noise hits all); each
+    timed call follows an untimed call of the same function. The first call after the other
+    framework ran is slow (measured: sgt_jax's LM step 2947 ms right after two torch steps, then
+    1500 ms, against 1527 ms before torch ran), so timing every call straight after a switch would
+    charge that to whichever runs second."""
+    out: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        first()
-        a.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        second()
-        b.append(time.perf_counter() - t0)
-    return a, b
+        for fn, times in zip(fns, out, strict=True):
+            fn()  # re-warm after the switch
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return out
 
 
 def _median_ms(times: list[float]) -> float:
@@ -64,7 +67,9 @@ def _median_ms(times: list[float]) -> float:
 
 
 def llm_vs_torch(shape: LMShape, *, batch: int, seq: int, steps: int, warmup: int = 2, seed: int = 0) -> dict:
-    """Interleaved AdamW train steps (f32) of sgt_jax's CausalLM and HF Qwen2ForCausalLM."""
+    """Interleaved AdamW train steps (f32) of sgt_jax's CausalLM, as converted (layers scanned) and
+    with `scan_unroll=depth` (the same parameters, compiled unrolled), and HF Qwen2ForCausalLM."""
+    import dataclasses
     import functools
 
     import jax
@@ -80,22 +85,37 @@ def llm_vs_torch(shape: LMShape, *, batch: int, seq: int, steps: int, warmup: in
 
     hf_cfg = shape.hf_config()
     cfg = llm_config_from_hf(hf_cfg.to_dict())
-    model = CausalLM(cfg)
     tokens_np = np.random.default_rng(seed).integers(0, shape.vocab, (batch, seq)).astype(np.int32)
     tokens = jnp.asarray(tokens_np)
-    params = jax.jit(lambda k: nn.unbox(model.init(k, tokens[:1])["params"]))(jax.random.key(seed))
     tx = optax.adamw(1e-4)
-    opt = jax.jit(tx.init)(params)
 
-    def loss_fn(p, t):
-        logits = model.apply({"params": p}, t)
-        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], t[:, 1:]).mean()
+    def jax_runner(cfg):
+        """-> (call() running one step, compile seconds, number of parameters)."""
+        model = CausalLM(cfg)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def jax_step(p, o, t):
-        loss, grads = jax.value_and_grad(loss_fn)(p, t)
-        updates, o = tx.update(grads, o, p)
-        return optax.apply_updates(p, updates), o, loss
+        def loss_fn(p, t):
+            logits = model.apply({"params": p}, t)
+            return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], t[:, 1:]).mean()
+
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def jax_step(p, o, t):
+            loss, grads = jax.value_and_grad(loss_fn)(p, t)
+            updates, o = tx.update(grads, o, p)
+            return optax.apply_updates(p, updates), o, loss
+
+        params = jax.jit(lambda k: nn.unbox(model.init(k, tokens[:1])["params"]))(jax.random.key(seed))
+        state = [params, jax.jit(tx.init)(params)]
+
+        def call():
+            state[0], state[1], loss = jax_step(state[0], state[1], tokens)
+            jax.block_until_ready(loss)
+
+        t0 = time.perf_counter()
+        call()
+        compile_s = time.perf_counter() - t0
+        for _ in range(warmup):
+            call()
+        return call, compile_s, sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
 
     torch.manual_seed(seed)
     tmodel = Qwen2ForCausalLM(hf_cfg).train()
@@ -109,28 +129,18 @@ def llm_vs_torch(shape: LMShape, *, batch: int, seq: int, steps: int, warmup: in
         topt.zero_grad(set_to_none=True)
         return loss.item()
 
-    t0 = time.perf_counter()
-    params, opt, loss = jax_step(params, opt, tokens)
-    jax.block_until_ready(loss)
-    compile_s = time.perf_counter() - t0
+    jax_call, compile_s, n_params = jax_runner(cfg)
+    unrolled_call, unrolled_compile_s, _ = jax_runner(dataclasses.replace(cfg, scan_unroll=cfg.depth))
     for _ in range(warmup):
-        params, opt, loss = jax_step(params, opt, tokens)
-        jax.block_until_ready(loss)
         torch_step()
-    state = [params, opt]
-
-    def jax_call():
-        state[0], state[1], loss = jax_step(state[0], state[1], tokens)
-        jax.block_until_ready(loss)
-
-    tt, jt = _interleaved(torch_step, jax_call, steps)
-    params = state[0]
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    tt, jt, ut = _interleaved(torch_step, jax_call, unrolled_call, rounds=steps)
     tok = batch * seq
     return {"params": n_params, "batch": batch, "seq": seq, "steps": steps, "jax_ms": _median_ms(jt),
             "torch_ms": _median_ms(tt), "jax_tok_s": tok / statistics.median(jt),
             "torch_tok_s": tok / statistics.median(tt), "ratio": statistics.median(tt) / statistics.median(jt),
-            "jax_compile_s": compile_s, "torch_threads": torch.get_num_threads()}
+            "unrolled_ms": _median_ms(ut), "unrolled_ratio": statistics.median(tt) / statistics.median(ut),
+            "jax_compile_s": compile_s, "unrolled_compile_s": unrolled_compile_s,
+            "torch_threads": torch.get_num_threads()}
 
 
 def sampler_vs_hf(shape: LMShape, *, images: int, prompt_len: int, num_codes: int, rounds: int, seed: int = 0) -> dict:
@@ -170,7 +180,7 @@ def sampler_vs_hf(shape: LMShape, *, images: int, prompt_len: int, num_codes: in
                                do_sample=True, use_cache=True, pad_token_id=0, top_k=0)
 
     hf_call()
-    ht, jt = _interleaved(hf_call, call, rounds)
+    ht, jt = _interleaved(hf_call, call, rounds=rounds)
     return {"images": images, "rows": rows, "prompt_len": prompt_len, "num_codes": n, "rounds": rounds,
             "jax_s": statistics.median(jt), "hf_s": statistics.median(ht),
             "jax_img_s": images / statistics.median(jt), "hf_img_s": images / statistics.median(ht),
@@ -261,16 +271,23 @@ def before_step_seconds(src: str, specs, *, steps: int, warmup: int, cache_dir: 
 
 
 def run(small: bool = False, steps: int = 5, warmup: int = 1, before_src: str = "", cache_dir: str = "",
-        fast_steps: int = 0, emit=print) -> tuple[dict, str]:
+        fast_steps: int = 0, emit=print, step_variants=None) -> tuple[dict, str]:
     """Every measurement of the suite -> (json payload, markdown text). `before_src`: a checkout of
     the old code (e.g. f1d12ac) whose own bench times the same train-step variants first (kept in
     `cache_dir` when given). `fast_steps` (default max(steps, 10)): rounds of the millisecond-scale
     LM and sampler comparisons. Each section goes to `emit` as soon as it is measured, so a failure
-    later in the suite keeps what was measured before it."""
+    later in the suite keeps what was measured before it. `step_variants`: the train-step variants
+    to time (default: all of `scale_specs`); an unknown name is a ValueError before anything runs."""
     import bench_lib as bench  # tools/bench_lib.py
 
     fast = fast_steps or max(steps, 10)
     sections: list[str] = []
+    specs, (full_spec, full_over) = scale_specs(small)
+    if step_variants is not None:
+        unknown = sorted(set(step_variants) - {name for name, _, _ in specs})
+        if unknown:
+            raise ValueError(f"step variants {unknown} are not known; allowed: {[name for name, _, _ in specs]}")
+        specs = [sp for sp in specs if sp[0] in step_variants]
 
     def section(text: str) -> None:
         sections.append(text)
@@ -280,11 +297,13 @@ def run(small: bool = False, steps: int = 5, warmup: int = 1, before_src: str = 
     lm = llm_vs_torch(shape, batch=4 if small else 32, seq=32 if small else 160, steps=fast, warmup=warmup)
     section("## Qwen2-shaped LM, AdamW f32 train step: sgt_jax vs HF transformers + torch (interleaved)\n"
             + bench.markdown_table(
-                ("params", "B x S", "steps", "sgt_jax ms", "torch ms", "sgt_jax tok/s", "torch tok/s", "x torch",
-                 "goal"),
-                [(f"{lm['params']:,}", f"{lm['batch']} x {lm['seq']}", lm["steps"], f"{lm['jax_ms']:.1f}",
-                  f"{lm['torch_ms']:.1f}", f"{lm['jax_tok_s']:.0f}", f"{lm['torch_tok_s']:.0f}", f"{lm['ratio']:.2f}",
-                  ">= 1.3")]))
+                ("sgt_jax layers", "params", "B x S", "steps", "sgt_jax ms", "torch ms", "sgt_jax tok/s",
+                 "torch tok/s", "x torch", "goal"),
+                [(name, f"{lm['params']:,}", f"{lm['batch']} x {lm['seq']}", lm["steps"], f"{lm[ms]:.1f}",
+                  f"{lm['torch_ms']:.1f}", f"{lm['batch'] * lm['seq'] / lm[ms] * 1e3:.0f}", f"{lm['torch_tok_s']:.0f}",
+                  f"{lm[ratio]:.2f}", ">= 1.3")
+                 for name, ms, ratio in (("scanned (as converted)", "jax_ms", "ratio"),
+                                         ("scan_unroll=depth", "unrolled_ms", "unrolled_ratio"))]))
     smp = sampler_vs_hf(shape, images=2 if small else 16, prompt_len=16 if small else 96,
                         num_codes=16 if small else 64, rounds=max(1, fast // 2) if small else fast)
     section("## CFG image sampling (KV cache): sgt_jax generate_codes vs HF generate\n" + bench.markdown_table(
@@ -293,7 +312,6 @@ def run(small: bool = False, steps: int = 5, warmup: int = 1, before_src: str = 
         [(smp["images"], smp["rows"], smp["prompt_len"], smp["num_codes"], smp["rounds"], f"{smp['jax_s']:.3f}",
           f"{smp['hf_s']:.3f}", f"{smp['jax_img_s']:.2f}", f"{smp['hf_img_s']:.2f}", f"{smp['ratio']:.2f}",
           ">= 2")]))
-    specs, (full_spec, full_over) = scale_specs(small)
     before = (before_step_seconds(before_src, specs, steps=steps, warmup=warmup, cache_dir=cache_dir)
               if before_src else {})
     comp = umm_compile_seconds(_load(full_spec, full_over))

@@ -511,13 +511,19 @@ def _seed_cell(values: Sequence[float]) -> str:
     return f"{_fmt(si['mean'])} [{100 * si['lo']:.1f}, {100 * si['hi']:.1f}]"
 
 
+def _paired_seeds(a_runs, b_runs) -> int:
+    """Seeds paired between two rows: seed s of a with seed s of b, s < min of their counts. A single
+    run (the base) pairs with seed 0 only: repeating its answers against every seed of the other row
+    would count the same items several times in McNemar (the pairs are then not independent) and
+    turn the seed t-test into a test against a constant."""
+    return min(len(a_runs), len(b_runs))
+
+
 def _pooled(a_runs, b_runs, split, getter) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate paired per-item correctness over seeds (seed s of a with seed s of b; a single
-    run on one side, e.g. the base, pairs with every seed of the other)."""
-    n = max(len(a_runs), len(b_runs))
+    """Concatenate paired per-item correctness over the paired seeds (`_paired_seeds`)."""
     xa, xb = [], []
-    for s in range(n):
-        ma, mb = a_runs[min(s, len(a_runs) - 1)], b_runs[min(s, len(b_runs) - 1)]
+    for s in range(_paired_seeds(a_runs, b_runs)):
+        ma, mb = a_runs[s], b_runs[s]
         ga, gb = getter(ma, split), getter(mb, split)
         if ga is None or gb is None or len(ga) != len(gb):
             return np.zeros(0, bool), np.zeros(0, bool)
@@ -540,9 +546,10 @@ def _ge_items(m, split):
 
 def ablation_comparisons(groups: Mapping[str, Sequence[Mapping[str, Any]]], reference: str,
                          split: str = "test") -> list[dict[str, Any]]:
-    """Each row against `reference` (SFT only): per measure the mean difference over seeds, the exact
-    McNemar test pooled over seeds and items, the paired t-test over seeds, and the verdict, which is
-    "significant at 95%" only when both tests agree (item noise and training-seed noise)."""
+    """Each row against `reference` (SFT only): per measure the mean difference over the paired seeds
+    (`_paired_seeds`), the exact McNemar test pooled over those seeds and items, the paired t-test
+    over seeds, and the verdict, which is "significant at 95%" only when both tests agree (item noise
+    and training-seed noise; McNemar alone with one paired seed)."""
     ref = groups[reference]
     out = []
     measures = (("CV-Bench (all items)", _cv_items("pick"), ("cvbench", "overall")),
@@ -556,9 +563,9 @@ def ablation_comparisons(groups: Mapping[str, Sequence[Mapping[str, Any]]], refe
             if not xa.size:
                 continue
             mc = stats.mcnemar(xa, xb)
-            n = max(len(runs), len(ref))
-            per_seed_a = [float(np.mean(getter(runs[min(s, len(runs) - 1)], split))) for s in range(n)]
-            per_seed_b = [float(np.mean(getter(ref[min(s, len(ref) - 1)], split))) for s in range(n)]
+            n = _paired_seeds(runs, ref)
+            per_seed_a = [float(np.mean(getter(runs[s], split))) for s in range(n)]
+            per_seed_b = [float(np.mean(getter(ref[s], split))) for s in range(n)]
             pt = stats.paired_t(per_seed_a, per_seed_b) if n >= 2 else {"p": float("nan")}
             both = mc["verdict"] == stats.SIGNIFICANT and (n < 2 or pt.get("verdict") == stats.SIGNIFICANT)
             out.append({"row": name, "measure": label, "delta": float(np.mean(per_seed_a) - np.mean(per_seed_b)),
@@ -568,13 +575,12 @@ def ablation_comparisons(groups: Mapping[str, Sequence[Mapping[str, Any]]], refe
         sa = [r for r in runs if _part(r, split, "segmentation").get("per_image_miou")]
         sb = [r for r in ref if _part(r, split, "segmentation").get("per_image_miou")]
         if sa and sb:
-            a = np.concatenate([_part(sa[min(s, len(sa) - 1)], split, "segmentation")["per_image_miou"]
-                                for s in range(max(len(sa), len(sb)))]).astype(float)
-            b = np.concatenate([_part(sb[min(s, len(sb) - 1)], split, "segmentation")["per_image_miou"]
-                                for s in range(max(len(sa), len(sb)))]).astype(float)
+            n = _paired_seeds(sa, sb)
+            a = np.concatenate([_part(sa[s], split, "segmentation")["per_image_miou"] for s in range(n)]).astype(float)
+            b = np.concatenate([_part(sb[s], split, "segmentation")["per_image_miou"] for s in range(n)]).astype(float)
             keep = np.isfinite(a) & np.isfinite(b)
             pb = stats.paired_bootstrap(a[keep], b[keep])
-            out.append({"row": name, "measure": "Seg mIoU (per image)", "delta": pb["delta"], "seeds": max(len(sa), len(sb)),
+            out.append({"row": name, "measure": "Seg mIoU (per image)", "delta": pb["delta"], "seeds": n,
                         "items": pb["n"], "ci": [pb["lo"], pb["hi"]], "verdict": pb["verdict"]})
     return out
 
@@ -602,8 +608,9 @@ def ablation_markdown(groups: Mapping[str, Sequence[Mapping[str, Any]]], referen
                 t.append(f"| {r['row']} | {r['measure']} | {100 * r['delta']:+.1f} | {r['seeds']} | {r['items']} | "
                          f"{r['mcnemar_p']:.3g} | {'–' if not math.isfinite(tp) else f'{tp:.3g}'} | {r['verdict']} |")
         md += [f"Paired against {reference} on the same items: exact McNemar over items pooled across seeds "
-               "(seed s against seed s) and the paired t-test over seeds; the verdict is 'significant at 95%' only "
-               "when both are (with one seed, McNemar alone).", "", "\n".join(t), ""]
+               "(seed s against seed s; a single run, such as the base, against seed 0 only) and the paired "
+               "t-test over seeds; the verdict is 'significant at 95%' only when both are (with one paired seed, "
+               "McNemar alone).", "", "\n".join(t), ""]
     return "\n".join(md)
 
 

@@ -130,8 +130,8 @@ def paired_t(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     if a.shape != b.shape:
         raise ValueError(f"paired_t: {a.size} vs {b.size} seeds")
     d = a - b
-    if d.size < 2 or not np.any(d != d[0]):
-        p = float("nan") if d.size < 2 else (1.0 if d[0] == 0 else 0.0)
+    if d.size < 2 or not np.any(d != d[0]):  # no seed variance: equal rows are p = 1, otherwise undefined
+        p = 1.0 if d.size >= 2 and d[0] == 0 else float("nan")
     else:
         p = float(sps.ttest_rel(a, b).pvalue)
     return {"delta": float(d.mean()) if d.size else float("nan"), "p": p, "n": int(d.size), "verdict": verdict(p)}

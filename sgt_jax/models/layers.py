@@ -112,12 +112,36 @@ def layer_norm(eps: float, dtype: Dtype, name: str | None = None) -> nn.LayerNor
                         bias_init=init(nn.initializers.zeros, ("embed",)))
 
 
+def flat_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                     preferred_element_type=None) -> jax.Array:
+    """`lax.dot_general` with lhs's leading (batch-like) axes merged into one before the dot.
+
+    A dense layer (or a tied-embedding head) contracts lhs's last axes with some of rhs's. XLA:CPU runs the backward pass of
+    that dot ~5x slower on a [B, L, D] input than on the same data as [B*L, D] (the weight gradient,
+    contracted over two axes, is lowered through a strided 3-D transpose): measured 54 vs 11 ms for
+    silu(x @ w) with x [16, 160, 256] and w [256, 1024] on this project's CPU. Merging major axes is a
+    bitcast on every backend and keeps a sharding of the leading (batch) axis. Any other dimension
+    numbers go to `lax.dot_general` unchanged.
+    """
+    (lc, rc), (lb, rb) = dimension_numbers
+    n = len(lc)
+    dense_like = not lb and not rb and tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim)) and lhs.ndim - n > 1
+    if not dense_like:
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    lead = lhs.shape[:lhs.ndim - n]
+    flat = lhs.reshape((-1,) + lhs.shape[lhs.ndim - n:])
+    out = jax.lax.dot_general(flat, rhs, ((tuple(range(1, n + 1)), tuple(rc)), ((), ())), precision=precision,
+                              preferred_element_type=preferred_element_type)
+    return out.reshape(lead + out.shape[1:])
+
+
 def dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, *, use_bias: bool = True,
           name: str | None = None, scale: float = 1.0) -> nn.Dense:
     """nn.Dense with logical names (in, out) on the kernel and (out,) on the bias."""
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
                     kernel_init=init(dense_init(scale), names),
-                    bias_init=init(nn.initializers.zeros, (names[1],)))
+                    bias_init=init(nn.initializers.zeros, (names[1],)), dot_general=flat_dot_general)
 
 
 class DenseGeneral(nn.Module):
@@ -143,7 +167,7 @@ class DenseGeneral(nn.Module):
                                                  out_axis=tuple(range(n_in, n_in + n_out)))
         kernel = self.param("kernel", init(scale, self.names), shape, jnp.float32)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        y = flat_dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
         if self.use_bias:
             bias = self.param("bias", init(nn.initializers.zeros, self.names[n_in:]), tuple(self.features),
                               jnp.float32)
@@ -223,6 +247,27 @@ def explicit_attention(q, k, v, spec: AttnSpec, return_probs: bool = False):
     probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v).reshape(b, lq, h, d)
     return out, (probs.reshape(b, h, lq, -1) if return_probs else None)
+
+
+def cached_attention(q, k, v, spec: AttnSpec, return_probs: bool = False):
+    """Attention of a few queries over a head-major KV cache (decode steps).
+
+    q: [B, Lq, H, D]; k, v: [B, KVH, S, D], the cache's layout, so both products are plain batched
+    matmuls over (B, KVH). With the cache as [B, S, KVH, D], XLA:CPU transposed the whole layer's
+    cache on every decode step (42% of the sampler's op time). Float32 logits and softmax, masked by
+    the spec (`decode_spec`: keys below each row's length). Returns ([B, Lq, H, D], probs
+    [B, H, Lq, S] or None).
+    """
+    b, lq, h, d = q.shape
+    kvh, length = k.shape[1], k.shape[2]
+    qg = jnp.swapaxes(q.reshape(b, lq, kvh, h // kvh, d), 1, 2).reshape(b, kvh, lq * (h // kvh), d)
+    logits = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    logits = logits.reshape(b, kvh, lq, h // kvh, length)
+    mask = attention_mask(spec, lq, length)[:, :, :, None]  # [B, 1, Lq, 1, S] over (kvh, g)
+    probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, kvh, -1, length).astype(v.dtype), v)
+    out = jnp.swapaxes(out.reshape(b, kvh, lq, h // kvh, d), 1, 2).reshape(b, lq, h, d)
+    return out, (jnp.moveaxis(probs, 2, 3).reshape(b, h, lq, length) if return_probs else None)
 
 
 def fused_attention(q, k, v, spec: AttnSpec, implementation: str | None = None):
@@ -359,12 +404,12 @@ def chunked_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array, chunk:
     tp = jnp.pad(targets, ((0, 0), (0, pad)))
     hs = hp.reshape(b, n, chunk, -1).swapaxes(0, 1)
     ts = tp.reshape(b, n, chunk).swapaxes(0, 1)
-    eq = "bcd,dv->bcv" if layout == "dv" else "bcd,vd->bcv"
+    dims = (((2,), (0,) if layout == "dv" else (1,)), ((), ()))
 
     @jax.checkpoint
     def tile(args):
         hh, tt = args
-        logits = jnp.einsum(eq, hh, w.astype(hh.dtype), preferred_element_type=jnp.float32)
+        logits = flat_dot_general(hh, w.astype(hh.dtype), dims, preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "length", "vocab"))
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0]

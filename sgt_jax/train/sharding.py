@@ -66,9 +66,9 @@ def check_ruled(names, rules, what: str = "parameters") -> None:
                          f"'mesh.axis_rules' ({[n for n, _ in rules]}); add (name, mesh axis or None) rules")
 
 
-# The KV cache's logical layout: [batch, length, kv_heads, head_dim], with a leading `layers` axis
-# when the layers are scanned (one stacked array per k / v).
-KV_CACHE_NAMES = ("batch", "length", "kv_heads", "kv")
+# The KV cache's logical layout: head-major [batch, kv_heads, length, head_dim], with a leading
+# `layers` axis (one stacked array per k / v; `models.llm.init_cache`).
+KV_CACHE_NAMES = ("batch", "kv_heads", "length", "kv")
 
 
 def kv_cache_shardings(cache: PyTree, mesh: Mesh, rules) -> PyTree:
@@ -81,8 +81,8 @@ def kv_cache_shardings(cache: PyTree, mesh: Mesh, rules) -> PyTree:
         elif nd in (4, 5):
             names = (("layers",) if nd == 5 else ()) + KV_CACHE_NAMES
         else:
-            raise ValueError(f"KV-cache leaf of shape {tuple(leaf.shape)}: expected [B], [B, S, H, D] or "
-                             "[layers, B, S, H, D]")
+            raise ValueError(f"KV-cache leaf of shape {tuple(leaf.shape)}: expected [B], [B, H, S, D] or "
+                             "[layers, B, H, S, D]")
         return NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
     return jax.tree.map(one, cache)
 
