@@ -116,12 +116,12 @@ def flat_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precisio
                      preferred_element_type=None) -> jax.Array:
     """`lax.dot_general` with lhs's leading (batch-like) axes merged into one before the dot.
 
-    A dense layer (or a tied-embedding head) contracts lhs's last axes with some of rhs's. XLA:CPU runs the backward pass of
-    that dot ~5x slower on a [B, L, D] input than on the same data as [B*L, D] (the weight gradient,
-    contracted over two axes, is lowered through a strided 3-D transpose): measured 54 vs 11 ms for
-    silu(x @ w) with x [16, 160, 256] and w [256, 1024] on this project's CPU. Merging major axes is a
-    bitcast on every backend and keeps a sharding of the leading (batch) axis. Any other dimension
-    numbers go to `lax.dot_general` unchanged.
+    A dense layer (or a tied-embedding head) contracts lhs's last axes with some of rhs's. XLA:CPU
+    runs the backward pass of that dot ~5x slower on a [B, L, D] input than on the same data as
+    [B*L, D] (the weight gradient, contracted over two axes, goes through a strided 3-D transpose):
+    measured 54 vs 11 ms for silu(x @ w) with x [16, 160, 256] and w [256, 1024] on this project's
+    CPU. Merging major axes is a bitcast on every backend and keeps a sharding of the leading (batch)
+    axis. Any other dimension numbers go to `lax.dot_general` unchanged.
     """
     (lc, rc), (lb, rb) = dimension_numbers
     n = len(lc)

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from sgt_jax.models.layers import (
     AttnSpec,
     DenseGeneral,
-    cached_attention,
     RMSNorm,
+    cached_attention,
     check_impl,
     constrain,
     dense_init,
