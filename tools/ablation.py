@@ -225,31 +225,27 @@ def finished_stages(work: str, stages: Sequence[Stage], fallback_commit: str) ->
     return seconds, "; ".join(f"{c} ({len(names)} stages: {', '.join(names)})" for c, names in commits.items())
 
 
-def run_stages(work: str, stages: Sequence[Stage], runner: Callable[[list[str]], int] | None = None) -> dict[str, float]:
-    """Run the stages in order, skipping those with a marker in WORK/.done."""
+def run_stages(work: str, stages: Sequence[Stage], runner: Callable[[list[str]], int] | None = None) -> None:
+    """Run the stages in order, skipping those with a marker in WORK/.done. Each marker keeps the
+    stage's time, command and commit (`finished_stages` reads them back for the manifest)."""
     done = os.path.join(work, ".done")
     os.makedirs(done, exist_ok=True)
-    timings: dict[str, float] = {}
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3",
                JAX_COMPILATION_CACHE_DIR=os.path.join(work, ".jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     run = runner or (lambda argv: subprocess.call(argv, cwd=ROOT, env=env))
     commit = _git_commit()
     for i, s in enumerate(stages, 1):
         marker = os.path.join(done, s.name)
-        if os.path.exists(marker):  # its time is kept, so the manifest covers runs resumed over sessions
+        if os.path.exists(marker):
             print(f"[{i}/{len(stages)}] {s.name}: done earlier, skipped", flush=True)
-            with open(marker) as f:
-                timings[s.name] = json.load(f)["seconds"]
             continue
         print(f"\n[{i}/{len(stages)}] {s.name}\n  $ {' '.join(s.argv[1:])}", flush=True)
         t = time.time()
         rc = run(s.argv)
         if rc != 0:
             raise SystemExit(f"stage {s.name} failed with exit code {rc}; re-run the same command to resume")
-        timings[s.name] = round(time.time() - t, 1)
         with open(marker, "w") as f:
-            json.dump({"seconds": timings[s.name], "argv": s.argv[1:], "commit": commit}, f)
-    return timings
+            json.dump({"seconds": round(time.time() - t, 1), "argv": s.argv[1:], "commit": commit}, f)
 
 
 def _git_commit() -> str:
