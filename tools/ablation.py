@@ -44,6 +44,9 @@ import time
 from typing import Callable, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import provenance  # noqa: E402  (tools/provenance.py)
+
 ROWS: tuple[str, ...] = ("base", "none", "edge", "reconstruction", "depth", "mae", "semantic", "segmentation")
 TITLES = {"base": "base", "none": "+SFT only", "edge": "+SFT+Edge", "reconstruction": "+SFT+Reconstruction",
           "depth": "+SFT+Depth", "mae": "+SFT+MAE", "semantic": "+SFT+Semantic",
@@ -233,7 +236,7 @@ def run_stages(work: str, stages: Sequence[Stage], runner: Callable[[list[str]],
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3",
                JAX_COMPILATION_CACHE_DIR=os.path.join(work, ".jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     run = runner or (lambda argv: subprocess.call(argv, cwd=ROOT, env=env))
-    commit = _git_commit()
+    commit = provenance.git_commit()
     for i, s in enumerate(stages, 1):
         marker = os.path.join(done, s.name)
         if os.path.exists(marker):
@@ -246,15 +249,6 @@ def run_stages(work: str, stages: Sequence[Stage], runner: Callable[[list[str]],
             raise SystemExit(f"stage {s.name} failed with exit code {rc}; re-run the same command to resume")
         with open(marker, "w") as f:
             json.dump({"seconds": round(time.time() - t, 1), "argv": s.argv[1:], "commit": commit}, f)
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=30)
-        return out.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _machine() -> dict:
@@ -327,7 +321,7 @@ def write_results(out: str, plan: Plan, command: list[str], timings: dict[str, f
                report.paired_table(eq_metrics, [(k, keys[0]) for k in keys[1:]], "test"), ""]
     pngs = _plots(out, groups, ratio_metrics)
     md += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] + [""]
-    commit = _git_commit()
+    commit = provenance.git_commit()
     stages_commit = stages_commit or commit
     md += ["## Provenance", "", f"- command: `{' '.join(command)}`", f"- stages ran at commit: {stages_commit}",
            *([f"- report written at commit: {commit}"] if commit != stages_commit else []),
@@ -458,7 +452,7 @@ def main(argv: Sequence[str] | None = None, runner: Callable[[list[str]], int] |
         run_stages(work, plan.stages, runner)
     command = [os.path.relpath(sys.argv[0], ROOT) if argv is None else "tools/ablation.py",
                *(sys.argv[1:] if argv is None else argv)]
-    fallback = _git_commit()
+    fallback = provenance.git_commit()
     if os.path.exists(os.path.join(out, "manifest.json")):  # markers from before they recorded commits
         with open(os.path.join(out, "manifest.json")) as f:
             previous = json.load(f)

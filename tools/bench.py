@@ -29,6 +29,7 @@ import platform
 import sys
 import time
 
+import provenance  # tools/provenance.py
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -78,6 +79,7 @@ def environment() -> dict:
         env["load_avg_1m"] = os.getloadavg()[0]
     except OSError:
         pass
+    env.update(provenance.host_cpu(), commit=provenance.git_commit())
     return env
 
 
@@ -151,7 +153,8 @@ def run_suite(small: bool) -> None:
 
     env = environment()
     header = (f"# bench --suite={'scale_small' if small else 'scale'}  ({env['backend']} {env['device_kind']} "
-              f"x{env['devices']}, jax {env['jax']}, {env['date']}, load {env.get('load_avg_1m', float('nan')):.2f}; "
+              f"x{env['devices']}, {env.get('cpu_model', '?')} {env.get('cpu_isa', '')}, jax {env['jax']}, {env['date']}, "
+              f"load {env.get('load_avg_1m', float('nan')):.2f}; "
               f"medians of {_STEPS.value} interleaved rounds after {_WARMUP.value} warm-up)")
     print(header, flush=True)
     cache = _OUT.value + "_before" if _OUT.value else ""  # the old checkout's timings, reused on a re-run

@@ -39,6 +39,7 @@ import json
 import os
 import sys
 
+import provenance  # tools/provenance.py
 from absl import app, flags
 
 _CONFIGS = flags.DEFINE_multi_string("config", [], "Config file(s) path[:arg]; repeatable.")
@@ -139,6 +140,7 @@ def topology_main(specs, overrides) -> int:
             "flops_per_chip_compiled": st.flops_per_chip, "flops_per_chip_analytic": analytic,
             "state_shardings_applied": bool(shardings_ok), "build_s": build_s, "lower_s": st.lower_s,
             "compile_s": st.compile_s, "load_avg": list(load), "cpus": os.cpu_count(), "host": platform.node(),
+            "commit": provenance.git_commit(), **provenance.host_cpu(),
             "big_params": bench.big_params(built),
         }
         g = lambda b: f"{b / aot.GiB:.2f}"  # noqa: E731

@@ -13,10 +13,10 @@ back as float32). The metadata keeps the run's config and says where the export 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 
+import provenance  # tools/provenance.py
 from absl import app, flags
 
 from sgt_jax import cli
@@ -28,14 +28,6 @@ _DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16", "float32"
 flags.mark_flags_as_required(["workdir", "out"])
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def export(workdir: str, out: str, *, step: int = -1, dtype: str = "float16") -> dict:
@@ -58,7 +50,7 @@ def export(workdir: str, out: str, *, step: int = -1, dtype: str = "float16") ->
                                    {"umm": loaded.params, "vq": loaded.vq_params})}
     meta = {"step": loaded.step, "time": time.time(), "stage": "umm", "config": source["config"],
             "exported": {"from": os.path.abspath(workdir), "step": loaded.step, "dtype": dtype,
-                         "source_params": ckpt_lib.params_source(workdir, step), "commit": _commit(),
+                         "source_params": ckpt_lib.params_source(workdir, step), "commit": provenance.git_commit(short=True),
                          "num_params": int(sum(x.size for x in jax.tree.leaves(tree)))}}
     mgr = ocp.CheckpointManager(root, item_handlers={ckpt_lib.STATE: ocp.StandardCheckpointHandler(),
                                                      ckpt_lib.META: ocp.JsonCheckpointHandler()})
