@@ -233,6 +233,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.umm.text_loss_positions = 0  # LM head on this many text-loss positions per row (0 = all L)
     c.data.packing = False  # pack variable-length examples into rows with segment ids (data/packing.py)
     c.data.packing_bins = 8  # open rows of the first-fit packer
+    c.data.packing_max_segments = 4  # examples per packed row (each brings its ViT and target image slot)
     c.mesh.axis_rules = c.mesh.axis_rules + (("layers", None),)  # the scanned-layer axis of stacked params
 
     # ---- checkpointing ----
@@ -636,7 +637,7 @@ def _get(cfg, path: str):
 
 _POSITIVE = ("optim.lr", "train.batch_size", "optim.grad_accum_steps", "train.log_every", "checkpoint.keep",
              "checkpoint.every_steps", "model.vq.codebook_size", "data.answer_room", "data.prompt_room",
-             "data.instruction_room")
+             "data.instruction_room", "data.packing_bins", "data.packing_max_segments")
 _NON_NEGATIVE = ("train.num_examples", "optim.warmup_steps", "optim.weight_decay", "model.vq.gan_weight",
                  "data.num_workers", "eval.num_examples", "eval.every_steps")
 

@@ -327,3 +327,12 @@ def test_a_tokenizer_larger_than_the_vocab_is_rejected_before_the_workdir(tmp_pa
     assert out.returncode == 2, out.stderr[-2000:]
     assert "'model.umm.llm.vocab_size' = 64 is smaller than the tokenizer" in out.stderr
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("leaf", ["packing_bins", "packing_max_segments"])
+def test_packing_sizes_must_be_positive(leaf):
+    cfg = default_config()
+    cfg.data.packing = True
+    cfg.data[leaf] = 0
+    msg = _err(cfg)
+    assert f"'data.{leaf}'" in msg and "0" in msg and "> 0" in msg

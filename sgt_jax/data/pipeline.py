@@ -300,10 +300,11 @@ def make_dataset(cfg, split: str, transform: Transform | Mixture, *, process_ind
 
     def batched(ds):  # skip invalid records, optionally pack text rows, batch with a static shape
         stream = _SkipInvalidIterDataset(ds.to_iter_dataset(read), max_consecutive_skips)
-        if cfg.data.get("packing", False):  # variable-length text examples share rows (data/packing.py)
+        if cfg.data.get("packing", False):  # variable-length examples share rows (data/packing.py)
             from sgt_jax.data import packing
 
-            stream = packing.pack(stream, cfg.data.max_seq_len, num_bins=cfg.data.packing_bins, seed=seed)
+            stream = packing.pack(stream, cfg.data.max_seq_len, num_bins=cfg.data.packing_bins, seed=seed,
+                                  slot_keys=packing.SLOT_KEYS, max_segments=cfg.data.packing_max_segments)
         return stream.batch(batch_size, drop_remainder=True)
 
     if mixture.mode == "batches" and len(parts) > 1:  # data.mixing, carried by the Mixture

@@ -25,7 +25,8 @@ Arrays returned per example (numpy, fixed shapes; grain stacks them into a batch
   (-1 = none), target_image uint8[H,W,3] (tokenized by the frozen VQ inside the train step; zeros
   when absent), gen_start int32 (-1 = none), task int32 (index into `sgt_jax.config.TASKS`),
   truncated int32 (1 when text had to be cut to fit L).
-Packing several samples into one row is not implemented: one sample per row, right-padded.
+With `data.packing` several samples share a row (`sgt_jax/data/packing.py`): the per-example
+fields then get a leading slot axis of `data.packing_max_segments`, plus `segment_ids` / `positions`.
 """
 from __future__ import annotations
 
@@ -105,14 +106,23 @@ class Layout:
                    world=str(cfg.data.get("world", "full")))
 
 
-def example_spec(layout: Layout) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Per-example (shape, dtype) of every array a row carries; the stage's `dummy_batch` uses it."""
+def example_spec(layout: Layout, max_segments: int = 0) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Per-example (shape, dtype) of every array a row carries; the stage's `dummy_batch` uses it.
+    `max_segments` > 0: a packed row (`data/packing.py`), with `segment_ids` / `positions` and one
+    slot per example for the per-example fields (`packing.SLOT_KEYS`)."""
     s, h = layout.vit_image_size, layout.image_size
     L = layout.max_seq_len
-    return {"tokens": ((L,), np.int32), "attn_mask": ((L,), np.int32), "text_loss_weight": ((L,), np.float32),
+    spec = {"tokens": ((L,), np.int32), "attn_mask": ((L,), np.int32), "text_loss_weight": ((L,), np.float32),
             "gen_loss_mask": ((L,), np.float32), "vit_image": ((s, s, 3), np.float32), "vit_start": ((), np.int32),
             "target_image": ((h, h, 3), np.uint8), "gen_start": ((), np.int32), "task": ((), np.int32),
             "truncated": ((), np.int32)}
+    if max_segments > 0:
+        from sgt_jax.data.packing import SLOT_KEYS
+
+        spec = {k: (((max_segments,) + shape) if k in SLOT_KEYS else shape, dtype)
+                for k, (shape, dtype) in spec.items()}
+        spec.update(segment_ids=((L,), np.int32), positions=((L,), np.int32))
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------

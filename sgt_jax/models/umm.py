@@ -115,9 +115,6 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         fail("model.umm.vit.width", u.vit.width, "a multiple of 4 with sincos positions")
     if not -(u.vit.depth + 1) <= u.vit.select_layer <= u.vit.depth:
         fail("model.umm.vit.select_layer", u.vit.select_layer, f"in [{-(u.vit.depth + 1)}, {u.vit.depth}]")
-    if cfg.stage == "umm" and cfg.data.get("packing", False):
-        fail("data.packing", True, "False for the umm stage (its rows carry one image span each; packing is for "
-             "text-only examples, see sgt_jax/data/packing.py)")
 
 
 class MLPAdapter(nn.Module):
@@ -136,15 +133,31 @@ class MLPAdapter(nn.Module):
 
 
 def _splice(x: jax.Array, feats: jax.Array, start: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Replace x[b, start[b] + i] by feats[b, i] for i < N (rows with start < 0 untouched).
+    """Replace x[b, start[b, k] + i] by feats[b, k, i] for i < N, for every span k (spans with
+    start < 0 untouched). `feats` [B, K, N, D] / `start` [B, K]; one span per row is K = 1
+    (`feats` [B, N, D], `start` [B]). Spans of a row must not overlap (packed rows never do).
 
-    Returns (new x, bool [B, L] mask of the span).
+    Returns (new x, bool [B, L] mask of the spans).
     """
-    n = feats.shape[1]
-    idx = jnp.arange(x.shape[1])[None, :] - start[:, None]
-    in_span = (start[:, None] >= 0) & (idx >= 0) & (idx < n)
-    picked = jnp.take_along_axis(feats, jnp.clip(idx, 0, n - 1)[..., None], axis=1)
+    if start.ndim == 1:
+        feats, start = feats[:, None], start[:, None]
+    k_spans, n = feats.shape[1], feats.shape[2]
+    pos = jnp.arange(x.shape[1])[None, :]
+    src = jnp.full(x.shape[:2], -1, jnp.int32)  # index into the flattened [K * N] features, -1 = keep x
+    for k in range(k_spans):  # K is small and static (data.packing_max_segments)
+        idx = pos - start[:, k:k + 1]
+        src = jnp.where((start[:, k:k + 1] >= 0) & (idx >= 0) & (idx < n), k * n + idx, src)
+    flat = feats.reshape(feats.shape[0], k_spans * n, feats.shape[-1])
+    picked = jnp.take_along_axis(flat, jnp.clip(src, 0, k_spans * n - 1)[..., None], axis=1)
+    in_span = src >= 0
     return jnp.where(in_span[..., None], picked.astype(x.dtype), x), in_span
+
+
+def _boi_mask(start: jax.Array, length: int) -> jax.Array:
+    """bool [B, L]: the <boi> position before each code span (`start` [B] or [B, K])."""
+    start = start[:, None] if start.ndim == 1 else start
+    pos = jnp.arange(length)[None, None, :]
+    return jnp.any((start[..., None] >= 1) & (pos == start[..., None] - 1), axis=1)
 
 
 class UMM(nn.Module):
@@ -176,15 +189,23 @@ class UMM(nn.Module):
         x = self.llm.embed(tokens)
         b, length = tokens.shape
         vit_out = None
-        if "vit_images" in inputs:
-            vit_out = self.vit(inputs["vit_images"], return_hidden=return_vit)
-            x, _ = _splice(x, self.und_adapter(vit_out["tokens"]), inputs["vit_start"])
+        if "vit_images" in inputs:  # [B, S, S, 3], or [B, K, S, S, 3] with vit_start [B, K] (packed rows)
+            images = inputs["vit_images"]
+            packed = images.ndim == 5
+            vit_out = self.vit(images.reshape((-1,) + images.shape[-3:]) if packed else images,
+                               return_hidden=return_vit)
+            feats = self.und_adapter(vit_out["tokens"])
+            if packed:
+                feats = feats.reshape(images.shape[:2] + feats.shape[1:])
+            x, _ = _splice(x, feats, inputs["vit_start"])
         gen = jnp.zeros((b, length), bool)
-        if "codes" in inputs:
-            start = inputs["gen_start"]
-            x, gen = _splice(x, self.embed_codes(inputs["codes"]), start)
-            boi = (start[:, None] >= 1) & (jnp.arange(length)[None, :] == start[:, None] - 1)
-            gen = gen | boi
+        if "codes" in inputs:  # [B, N] with gen_start [B], or [B, K * N] with gen_start [B, K]
+            start, codes = inputs["gen_start"], inputs["codes"]
+            emb = self.embed_codes(codes)
+            if start.ndim == 2:
+                emb = emb.reshape((b, start.shape[1], -1, emb.shape[-1]))
+            x, gen = _splice(x, emb, start)
+            gen = gen | _boi_mask(start, length)
         if "gen_mask" in inputs:  # explicit override (e.g. a prompt that ends in <boi>)
             gen = inputs["gen_mask"] > 0
         return x, gen, vit_out
@@ -194,7 +215,10 @@ class UMM(nn.Module):
         `gen_mask`, e.g. a prompt ending in <boi>, which marks arbitrary positions)."""
         if "gen_mask" in inputs:
             return None
-        return (inputs["codes"].shape[1] + 1) if "codes" in inputs else 1
+        if "codes" not in inputs:
+            return 1
+        spans = inputs["gen_start"].shape[1] if inputs["gen_start"].ndim == 2 else 1
+        return inputs["codes"].shape[1] + spans  # every code span plus its <boi>
 
     def _heads(self, h):
         return {"text_logits": self.llm.logits(h), "gen_logits": self._gen_head(h)}
@@ -323,19 +347,21 @@ def dummy_inputs(cfg: UMMConfig, batch: int, seq_len: int) -> dict:
     }
 
 
-def flops_per_row(cfg: UMMConfig, seq_len: int, text_positions: int = 0) -> float:
+def flops_per_row(cfg: UMMConfig, seq_len: int, text_positions: int = 0, image_slots: int = 1) -> float:
     """Forward matmul FLOPs (2 x MACs) of one training row of `seq_len` positions: the decoder at
     every position, the LM head where the loss gathers it (`text_positions` per row, as
     `model.umm.text_loss_positions`; 0 = every position) and the generation head at the `num_codes`
     positions that predict a code. These are the FLOPs the step computes, whatever the row's task:
-    an understanding row still runs the gathered generation head (its loss is masked).
+    an understanding row still runs the gathered generation head (its loss is masked). A packed row
+    has `image_slots` code spans (`data.packing_max_segments`), each with its generation head.
 
     Under MoT the text weights run at every position and the generation weights at the routed
     `num_codes + 1` positions (codes and <boi>). Causal attention is counted at half of the full
     L x L score and value matmuls.
     """
     c = cfg.llm
-    routed = seq_len + (min(cfg.num_codes + 1, seq_len) if c.mot else 0)  # positions through the weights
+    codes = image_slots * cfg.num_codes
+    routed = seq_len + (min(codes + image_slots, seq_len) if c.mot else 0)  # positions through the weights
     proj = 2 * c.width * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
     mlp = 2 * 3 * c.width * c.mlp_dim
     attn = 2 * 2 * seq_len * c.num_heads * c.head_dim / 2
@@ -343,4 +369,4 @@ def flops_per_row(cfg: UMMConfig, seq_len: int, text_positions: int = 0) -> floa
     gen_head = 2 * (c.width * cfg.gen_head_dim + cfg.gen_head_dim * cfg.codebook_size)
     head_rows = text_positions if 0 < text_positions < seq_len else seq_len
     return float(c.depth * (routed * (proj + mlp) + seq_len * attn) + head_rows * text_head
-                 + cfg.num_codes * gen_head)
+                 + codes * gen_head)

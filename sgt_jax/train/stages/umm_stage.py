@@ -62,11 +62,13 @@ class UMMStage(BaseStage):
             frozen.append(f"^{UMM_KEY}/vit/")
         self.frozen = tuple(frozen)
         self.mixture = Mixture.from_config(cfg)  # the one reader of data.mixture; transforms bound on first use
+        # Packed rows (data.packing): up to this many examples per row, each with its own image slots.
+        self.max_segments = int(cfg.data.packing_max_segments) if cfg.data.get("packing", False) else 0
 
     # -- shapes --------------------------------------------------------------------------------
     def dummy_batch(self, batch_size: int) -> dict[str, Any]:
         return {k: np.zeros((batch_size,) + shape, dtype)
-                for k, (shape, dtype) in sequences.example_spec(self.layout).items()}
+                for k, (shape, dtype) in sequences.example_spec(self.layout, self.max_segments).items()}
 
     def tokens_per_example(self) -> float:
         return float(self.layout.max_seq_len)
@@ -74,7 +76,7 @@ class UMMStage(BaseStage):
     # -- params ----------------------------------------------------------------------------------
     def init(self, rng, example_batch):
         one = {k: jnp.zeros((1,) + tuple(v.shape[1:]), v.dtype) for k, v in example_batch.items()}
-        inputs = self._model_inputs(one, jnp.zeros((1, self.mcfg.num_codes), jnp.int32))
+        inputs = self._model_inputs(one, jnp.zeros((1, max(1, self.max_segments) * self.mcfg.num_codes), jnp.int32))
         r_umm, r_vq = jax.random.split(rng)
         umm_params = self.model.init(r_umm, inputs)["params"]
         vq_params = vq_lib.init_params(self.vq, r_vq)
@@ -82,15 +84,19 @@ class UMMStage(BaseStage):
 
     # -- loss --------------------------------------------------------------------------------
     def tokenize_targets(self, vq_params, target_image) -> jax.Array:
-        """uint8 [B,H,W,3] -> int32 [B, N] codes from the frozen VQ (no gradient)."""
-        images = target_image.astype(jnp.float32) / 127.5 - 1.0
+        """uint8 [B,H,W,3] -> int32 [B, N] codes from the frozen VQ (no gradient); packed rows'
+        [B,K,H,W,3] -> [B, K * N] (slot k's codes at k * N ...)."""
+        b = target_image.shape[0]
+        images = target_image.reshape((-1,) + target_image.shape[-3:]).astype(jnp.float32) / 127.5 - 1.0
         codes = vq_lib.encode(self.vq, jax.lax.stop_gradient(vq_params), images)
-        return jax.lax.stop_gradient(codes.reshape(codes.shape[0], -1))
+        return jax.lax.stop_gradient(codes.reshape(b, -1))
 
     @staticmethod
     def _model_inputs(batch, codes) -> dict:
-        return {"tokens": batch["tokens"], "attn_mask": batch["attn_mask"], "vit_images": batch["vit_image"],
-                "vit_start": batch["vit_start"], "codes": codes, "gen_start": batch["gen_start"]}
+        inputs = {"tokens": batch["tokens"], "attn_mask": batch["attn_mask"], "vit_images": batch["vit_image"],
+                  "vit_start": batch["vit_start"], "codes": codes, "gen_start": batch["gen_start"]}
+        inputs.update({k: batch[k] for k in ("segment_ids", "positions") if k in batch})  # packed rows
+        return inputs
 
     def losses(self, params, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Forward + loss on one batch -> (scalar loss, scalar metrics). Shared by training and eval.
@@ -102,10 +108,20 @@ class UMMStage(BaseStage):
         codes = self.tokenize_targets(params[VQ_KEY], batch["target_image"])
         tokens = batch["tokens"]
         b, length = tokens.shape
-        n = codes.shape[1]
-        # Targets of position p: the text token at p+1; the code i is predicted at gen_start - 1 + i.
+        # One row = one example, or (packed) up to K examples in segments 1..K with K slots each of
+        # gen_start / task / truncated; unpacked rows are the K = 1 case of the same arithmetic.
+        packed = batch["gen_start"].ndim == 2
+        gen_start = batch["gen_start"] if packed else batch["gen_start"][:, None]  # [B, K]
+        task = batch["task"] if packed else batch["task"][:, None]  # [B, K], -1 = empty slot
+        k_slots = gen_start.shape[1]
+        n = codes.shape[1] // k_slots
+        seg = batch["segment_ids"] if "segment_ids" in batch else jnp.ones_like(tokens)
+        task_at = jnp.take_along_axis(task, jnp.clip(seg - 1, 0, k_slots - 1), axis=1)  # [B, L] task per position
+        # Targets of position p: the text token at p+1; slot k's code i is predicted at gen_start[k] - 1 + i.
         text_tgt = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
-        code_pos = batch["gen_start"][:, None] - 1 + jnp.arange(n)[None, :]
+        code_pos = (gen_start[:, :, None] - 1 + jnp.arange(n)[None, None, :]).reshape(b, k_slots * n)
+        code_ok = jnp.repeat(gen_start >= 1, n, axis=1)  # slots without a code span score nothing
+        code_task = jnp.repeat(task, n, axis=1)
         w = batch["text_loss_weight"].astype(jnp.float32)
         targets = {"text": text_tgt, "code_positions": code_pos, "codes": codes}
         n_all_text = jnp.sum(w > 0)
@@ -114,11 +130,12 @@ class UMMStage(BaseStage):
             text_pos = jnp.argsort(jnp.where(w > 0, 0, 1), axis=1, stable=True)[:, :k]
             targets.update(text=jnp.take_along_axis(text_tgt, text_pos, axis=1), text_positions=text_pos)
             w = jnp.take_along_axis(w, text_pos, axis=1)
+            task_at = jnp.take_along_axis(task_at, text_pos, axis=1)
         out = self.model.apply({"params": params[UMM_KEY]}, self._model_inputs(batch, codes), deterministic=False,
                                targets=targets, loss_chunk=int(self.cfg.model.umm.loss_chunk))
         text_ce, gen_ce = out["text_ce"], out["gen_ce"]
         text_m = (w > 0).astype(jnp.float32)
-        in_row = (code_pos >= 0) & (code_pos < length)
+        in_row = code_ok & (code_pos >= 0) & (code_pos < length)
         gen_m = jnp.take_along_axis(batch["gen_loss_mask"].astype(jnp.float32), jnp.clip(code_pos, 0, length - 1),
                                     axis=1) * in_row
         n_text, n_gen = jnp.sum(text_m), jnp.sum(gen_m)
@@ -137,18 +154,19 @@ class UMMStage(BaseStage):
             "text_tokens": n_text / b, "gen_tokens": n_gen / b,
             # text-loss positions past model.umm.text_loss_positions in a row (0 when it is sized right)
             "text_loss_dropped": (n_all_text - n_text) / b,
-            "truncated": jnp.mean(batch["truncated"].astype(jnp.float32)),
+            "truncated": jnp.sum(batch["truncated"] * (task >= 0)) / jnp.maximum(jnp.sum(task >= 0), 1),
+            "examples_per_row": jnp.sum(task >= 0) / b,
             "seq_fill": jnp.mean(batch["attn_mask"].astype(jnp.float32)),
         }
         # Per task: unweighted mean CE over that task's loss positions (text or code), as (sum, count)
         # so micro-batches and eval batches combine into the token mean (NaN only with no such token).
-        # Text and code losses have different position sets ([B, T] and [B, N]): summed per row first.
-        ce_sum = jnp.sum(text_m * text_ce, axis=1) + jnp.sum(gen_m * gen_ce, axis=1)  # [B]
-        m_sum = jnp.sum(text_m, axis=1) + jnp.sum(gen_m, axis=1)
-        for task, task_id in zip(self.mixture.tasks, self.mixture.ids, strict=True):
-            sel = (batch["task"] == task_id).astype(jnp.float32)
-            metrics[f"loss/{_short(task)}"] = Ratio(jnp.sum(sel * ce_sum), jnp.sum(sel * m_sum))
-            metrics[f"frac/{_short(task)}"] = jnp.mean(sel)
+        # Each loss position belongs to its segment's task (text: task_at; codes: the slot's task).
+        n_examples = jnp.maximum(jnp.sum(task >= 0), 1)
+        for name, task_id in zip(self.mixture.tasks, self.mixture.ids, strict=True):
+            st, sg = (task_at == task_id).astype(jnp.float32), (code_task == task_id).astype(jnp.float32)
+            metrics[f"loss/{_short(name)}"] = Ratio(jnp.sum(st * text_m * text_ce) + jnp.sum(sg * gen_m * gen_ce),
+                                                    jnp.sum(st * text_m) + jnp.sum(sg * gen_m))
+            metrics[f"frac/{_short(name)}"] = jnp.sum(task == task_id) / n_examples
         return loss, metrics
 
     def loss_fn(self, params, model_state, batch, rng, step):
@@ -158,17 +176,18 @@ class UMMStage(BaseStage):
 
     # -- FLOPs ----------------------------------------------------------------------------------
     def flops_per_example(self) -> float:
-        """Training FLOPs of one row: 3 x forward for trained parts (decoder over all L positions, LM
+        """Training FLOPs of one row (a packed row: per image slot for the image parts): 3 x forward for trained parts (decoder over all L positions, LM
         head over the gathered text-loss positions, generation head over the code positions, ViT + adapter, code adapter), 1 x
         forward for a frozen ViT, plus the frozen VQ encoder's forward once (counted by XLA's cost
         analysis of the lowered encoder)."""
         c, L = self.mcfg, self.layout.max_seq_len
-        llm = umm_lib.flops_per_row(c, L, int(self.cfg.model.umm.text_loss_positions))
+        slots = max(1, self.max_segments)  # a packed row runs the ViT, code adapter and VQ on every slot
+        llm = umm_lib.flops_per_row(c, L, int(self.cfg.model.umm.text_loss_positions), slots)
         vit = vit_flops_per_image(c.vit) + 2 * c.num_vit_tokens * (c.vit.width * c.und_adapter_dim
                                                                     + c.und_adapter_dim * c.llm.width)
         gen_in = 2 * c.num_codes * (c.gen_embed_dim * c.gen_adapter_dim + c.gen_adapter_dim * c.llm.width)
         vit_mult = 1.0 if self.cfg.model.umm_stage.freeze_vit else 3.0
-        return float(3.0 * (llm + gen_in) + vit_mult * vit + self._vq_encoder_flops())
+        return float(3.0 * (llm + slots * gen_in) + slots * (vit_mult * vit + self._vq_encoder_flops()))
 
     def _vq_encoder_flops(self) -> float:
         if not hasattr(self, "_vq_flops"):
