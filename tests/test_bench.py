@@ -182,3 +182,15 @@ def test_scale_suite_interleaves_with_a_rewarm_and_checks_its_variants():
     assert log == ["a", "a", "b", "b", "a", "a", "b", "b"] and len(a) == len(b) == 2
     with pytest.raises(ValueError, match="umm_7b.*allowed"):
         scale_bench.run(small=True, step_variants=["umm_7b"], emit=lambda t: pytest.fail("measured: " + t))
+
+
+def test_profile_ops_tool_groups_xla_and_torch_ops():
+    """tools/profile_ops.py --small: per-op-kind tables of the LM step, the sampler and torch's step;
+    the library dots and aten::mm show up, and the XLA kinds have their numeric suffixes stripped."""
+    stdout = _run_tool(["tools/profile_ops.py", "--small", "--calls=1", "--top=40"])
+    sections = stdout.split("## ")[1:]
+    assert [s.split(":")[0] for s in sections] == ["sgt_jax LM step (XLA ops)", "sgt_jax CFG sampler call (XLA ops)",
+                                                   "HF + torch LM step (aten self CPU, under the profiler)"]
+    kinds = [[row.split(" | ")[0].lstrip("| ") for row in s.splitlines()[3:] if row.startswith("|")] for s in sections]
+    assert kinds[0] and kinds[1] and all(not k[-1].isdigit() for k in kinds[0] + kinds[1])
+    assert any("fusion" in k or k == "dot" for k in kinds[0]) and "aten::mm" in kinds[2]

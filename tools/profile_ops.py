@@ -1,0 +1,191 @@
+"""Where the time of the speed suite's LM train step and CFG sampler goes, op by op.
+
+    python tools/profile_ops.py [--what=lm,sampler,torch] [--calls=2] [--small]
+
+- `lm`: sgt_jax's AdamW f32 step of the Qwen2-shaped LM of `tools/scale_bench.py` (same shape,
+  batch and loss), profiled with XLA:CPU's per-thunk trace (`--xla_cpu_enable_xprof_traceme`) and
+  read back with `jax.profiler.ProfileData`; ops are grouped by kind (`ynn_fusion` = library dots,
+  `wrapped_broadcast` = zero-filled buffers, `dynamic-slice...` = slices of stacked layers, ...).
+- `sampler`: `generate_codes` on the suite's sampler shape, the same way.
+- `torch`: HF transformers + torch's step on the same LM, with `torch.profiler` (self CPU time per
+  aten op; the profiler itself slows the step, so compare shares, not seconds).
+
+Times are per call, summed over the threads that ran the ops (so they can exceed the wall time on
+2 cores). This explains the suite's ratios; it does not replace them (profiling perturbs timing).
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags  # noqa: E402
+
+_WHAT = flags.DEFINE_list("what", ["lm", "sampler", "torch"], "Which profiles: lm, sampler, torch.")
+_CALLS = flags.DEFINE_integer("calls", 2, "Profiled calls (after warm-up calls); times are per call.")
+_SMALL = flags.DEFINE_bool("small", False, "The suite's small shapes (a quick check that it runs).")
+_TOP = flags.DEFINE_integer("top", 15, "Op kinds to list.")
+
+
+# Spans that contain ops rather than being one (executor, jit dispatch, loop and call bodies).
+_NOT_OPS = ("ThunkExecutor", "PjitFunction", "end:", "$", "while", "conditional", "call", "Handle", "ParseArguments",
+            "CommonPjRtClient", "Allocate")
+
+
+def op_kind(name: str) -> str:
+    """'ynn_fusion.31' -> 'ynn_fusion': one row per kind of XLA op."""
+    return re.sub(r"[.\d]+$", "", name)
+
+
+def xla_op_times(trace_dir: str, calls: int) -> collections.Counter:
+    """ms per call of each XLA op kind in a jax.profiler trace (executor spans left out)."""
+    import jax
+
+    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+    out: collections.Counter = collections.Counter()
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLA"):  # XLA's own threads only (not Python's trace events)
+                continue
+            for ev in line.events:
+                kind = op_kind(ev.name)
+                if kind and not kind.startswith(_NOT_OPS):
+                    out[kind] += ev.duration_ns / 1e6 / calls
+    return out
+
+
+def profile_jax(call, calls: int) -> collections.Counter:
+    import jax
+
+    call()
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        for _ in range(calls):
+            call()
+        jax.profiler.stop_trace()
+        return xla_op_times(d, calls)
+
+
+def lm_call(small: bool):
+    """-> call() running one sgt_jax LM step of the suite's shape (scale_bench.llm_vs_torch's step)."""
+    import functools
+
+    import jax
+    import numpy as np
+    import optax
+    import scale_bench as sb
+    from flax import linen as nn
+
+    from sgt_jax.convert.hf_qwen2 import llm_config_from_hf
+    from sgt_jax.models.llm import CausalLM
+
+    shape, (b, s) = (sb.SMALL, (4, 32)) if small else (sb.LMShape(), (32, 160))
+    model = CausalLM(llm_config_from_hf(shape.hf_config().to_dict()))
+    tokens = jax.numpy.asarray(np.random.default_rng(0).integers(0, shape.vocab, (b, s)).astype(np.int32))
+    tx = optax.adamw(1e-4)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(p, o, t):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, t)
+            return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], t[:, 1:]).mean()
+
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+
+    p = jax.jit(lambda k: nn.unbox(model.init(k, tokens[:1])["params"]))(jax.random.key(0))
+    state = [p, jax.jit(tx.init)(p)]
+
+    def call():
+        state[0], state[1], loss = step(state[0], state[1], tokens)
+        jax.block_until_ready(loss)
+
+    call()
+    return call
+
+
+def sampler_call(small: bool):
+    """-> call() sampling the suite's CFG batch (scale_bench.sampler_vs_hf's sgt_jax side)."""
+    import bench_lib as bench
+    import scale_bench as sb
+
+    from sgt_jax import config as config_lib
+
+    shape = sb.SMALL if small else sb.LMShape()
+    images, prompt, codes = (2, 16, 16) if small else (16, 96, 64)
+    cfg = config_lib.default_config()
+    cfg.stage = "umm"
+    cfg.model.umm.llm.update(dict(vocab_size=shape.vocab, width=shape.width, depth=shape.depth, num_heads=shape.heads,
+                                  num_kv_heads=shape.kv_heads, head_dim=shape.head_dim, mlp_dim=shape.mlp,
+                                  attn_bias=True, tied_embeddings=True))
+    cfg.data.image_size = int(round(codes ** 0.5)) * cfg.model.vq.downsample
+    cfg.data.mixture = {"t2i": 1.0}
+    cfg.data.prompt_room = prompt
+    call, _, _ = bench.sampler_runner(cfg, batch=images, prompt_len=prompt, guidance=True)
+    return call
+
+
+def profile_torch(small: bool, calls: int) -> collections.Counter:
+    """ms per call of each aten op's self CPU time in HF Qwen2's AdamW step (torch.profiler)."""
+    import numpy as np
+    import scale_bench as sb
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import Qwen2ForCausalLM
+
+    shape, (b, s) = (sb.SMALL, (4, 32)) if small else (sb.LMShape(), (32, 160))
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(shape.hf_config()).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, shape.vocab, (b, s)).astype(np.int64))
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            step()
+    return collections.Counter({e.key: e.self_cpu_time_total / 1e3 / calls for e in prof.key_averages()})
+
+
+def table(title: str, times: collections.Counter, top: int) -> str:
+    total = sum(times.values())
+    rows = [f"## {title}: {total:.1f} ms of op time per call", "| op kind | ms per call | share |", "|---|---|---|"]
+    rows += [f"| {k} | {v:.1f} | {100 * v / total:.1f}% |" for k, v in times.most_common(top)]
+    return "\n".join(rows)
+
+
+def main(argv):
+    del argv
+    unknown = sorted(set(_WHAT.value) - {"lm", "sampler", "torch"})
+    if unknown:
+        raise app.UsageError(f"--what={unknown} is not known; allowed: lm, sampler, torch")
+    import provenance
+
+    cpu = provenance.host_cpu()
+    print(f"# profile_ops at {provenance.git_commit()} on {cpu.get('cpu_model', 'an unknown CPU')} "
+          f"({cpu.get('cpu_isa', 'ISA unknown')}), "
+          f"{os.cpu_count()} CPUs, {_CALLS.value} profiled call(s)\n")
+    if "lm" in _WHAT.value:
+        print(table("sgt_jax LM step (XLA ops)", profile_jax(lm_call(_SMALL.value), _CALLS.value), _TOP.value) + "\n")
+    if "sampler" in _WHAT.value:
+        print(table("sgt_jax CFG sampler call (XLA ops)", profile_jax(sampler_call(_SMALL.value), _CALLS.value),
+                    _TOP.value) + "\n")
+    if "torch" in _WHAT.value:
+        print(table("HF + torch LM step (aten self CPU, under the profiler)", profile_torch(_SMALL.value, _CALLS.value),
+                    _TOP.value) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
