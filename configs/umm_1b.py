@@ -17,7 +17,9 @@ Options (OPTIONS): `proxy=NAME|none` (default segmentation), `init=PATH` (UMM ch
 converted LLM/ViT and the VQ under params/vq, e.g. `tools/convert_checkpoint.py --janus=DIR --out=PATH`;
 "" = from scratch), `tokenizer=DIR` (local HF tokenizer, e.g. PATH/tokenizer of the conversion),
 `tensor=T` (tensor-parallel width, 0 = the shape's default), `accum=A` (micro-batches per step, 0 =
-the shape's default), `smoke` (same family, tiny, CPU tests).
+the shape's default), `pack=K` (pack up to K examples per 2048-position row, `data.packing`; 0 = one
+example per row: each packed example brings its own ViT and target-image slot, so VQA rows of a few
+hundred text tokens share a row), `smoke` (same family, tiny, CPU tests).
 Data: `data=shapes` (default) the built-in Shapes World rendered at 384 px; `data=real` reads
 SAM-SGT (`seg=sam_sgt`, `sam=DIR`) or COCO panoptic (`seg=coco_panoptic`, `coco=DIR`) for the proxy
 and LLaVA-OneVision (`llava=DIR`) for VQA, 2 : 1 by batch; needs `tokenizer=DIR`.
@@ -34,7 +36,7 @@ SHAPE = {  # Janus-Pro-1B
 }
 
 
-OPTIONS = dict(proxy="segmentation", init="", tokenizer="", tensor=0, accum=0, smoke=False, data="shapes",
+OPTIONS = dict(proxy="segmentation", init="", tokenizer="", tensor=0, accum=0, pack=0, smoke=False, data="shapes",
                seg="sam_sgt", sam="", coco="", llava="")
 
 
@@ -91,6 +93,10 @@ def build(arg, shape) -> "ml_collections.ConfigDict":  # noqa: F821
     c.checkpoint.keep = 3
     c.eval.every_steps = 2000
     c.mesh.shape = (1, -1, a.tensor or shape["tensor"])
+    if a.pack < 0:
+        raise ConfigError(f"option 'pack' = {a.pack!r} is not allowed; allowed: 0 (off) or K > 0 examples per row")
+    if a.pack:
+        c.data.packing, c.data.packing_max_segments = True, int(a.pack)
 
     if smoke:  # same family, tiny: Shapes World at 32 px, a few steps on CPU. These shapes are the
         # tiny random Janus of tests/janus_fixture.py, so a converted one loads with init=.

@@ -187,7 +187,7 @@ def test_scale_suite_interleaves_with_a_rewarm_and_checks_its_variants():
 def test_profile_ops_tool_groups_xla_and_torch_ops():
     """tools/profile_ops.py --small: per-op-kind tables of the LM step, the sampler and torch's step;
     the library dots and aten::mm show up, and the XLA kinds have their numeric suffixes stripped."""
-    stdout = _run_tool(["tools/profile_ops.py", "--small", "--calls=1", "--top=40"])
+    stdout = _run_tool(["tools/profile_ops.py", "--small", "--calls=1", "--top=40", "--what=lm,sampler,torch"])
     sections = stdout.split("## ")[1:]
     assert [s.split(":")[0] for s in sections] == ["sgt_jax LM step (XLA ops)", "sgt_jax CFG sampler call (XLA ops)",
                                                    "HF + torch LM step (aten self CPU, under the profiler)"]

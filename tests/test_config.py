@@ -336,3 +336,19 @@ def test_packing_sizes_must_be_positive(leaf):
     cfg.data[leaf] = 0
     msg = _err(cfg)
     assert f"'data.{leaf}'" in msg and "0" in msg and "> 0" in msg
+
+
+def test_packing_is_for_the_umm_stage():
+    cfg = default_config()
+    cfg.stage, cfg.data.packing = "vq", True
+    msg = _err(cfg)
+    assert "'data.packing'" in msg and "'vq'" in msg and "umm" in msg
+
+
+def test_pod_configs_pack_rows_by_option():
+    for name in ("umm_1b.py", "umm_7b.py"):
+        cfg = prepare(load_config(os.path.join(ROOT, "configs", f"{name}:pack=3,smoke")), 8)
+        assert cfg.data.packing and cfg.data.packing_max_segments == 3
+        assert not load_config(os.path.join(ROOT, "configs", f"{name}:smoke")).data.packing
+    with pytest.raises(ConfigError, match="option 'pack' = -1"):
+        load_config(os.path.join(ROOT, "configs", "umm_1b.py:pack=-1"))

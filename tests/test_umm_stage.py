@@ -378,15 +378,24 @@ def test_packed_rows_give_the_unpacked_loss(tok_dir, mot):
 
 
 def test_packed_pipeline_rows_and_a_training_run(tmp_path, tok_dir):
-    """data.packing=True through the stage's grain pipeline: rows match dummy_batch, every used
-    slot's span start points just after its <img> / <boi> in row coordinates, RoPE positions
-    restart per segment, and the generic loop trains on them with one compile."""
+    """data.packing=True through the stage's grain pipeline: rows match dummy_batch, the iterator
+    state restores the same rows, every used slot's span start points just after its <img> / <boi>
+    in row coordinates, RoPE positions restart per segment, and the generic loop trains on them
+    with one compile."""
     from sgt_jax.data.sequences import SpecialIds
 
     cfg = _smoke("post_shapes", "proxy=segmentation,smoke", tok_dir, train={"num_examples": 24, "steps": -1})
     cfg.data.packing, cfg.data.packing_max_segments = True, 3
     stage = InMemoryUMMStage(prepare(cfg, num_devices=len(jax.devices())))
-    batch = next(stage.make_iterator("train", process_index=0, process_count=1, seed=0))
+    it = stage.make_iterator("train", process_index=0, process_count=1, seed=0)
+    batch = next(it)
+    # The packed iterator's state restores the same next rows (what a checkpoint resume relies on).
+    state = it.get_state()
+    ahead = [next(it) for _ in range(2)]
+    again = stage.make_iterator("train", process_index=0, process_count=1, seed=0)
+    again.set_state(state)
+    for a, b in zip(ahead, [next(again) for _ in range(2)], strict=True):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     spec = stage.dummy_batch(cfg.train.batch_size)
     assert {k: (v.shape, v.dtype) for k, v in batch.items() if k in spec} == {k: (v.shape, v.dtype)
                                                                               for k, v in spec.items()}

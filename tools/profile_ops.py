@@ -1,6 +1,6 @@
 """Where the time of the speed suite's LM train step and CFG sampler goes, op by op.
 
-    python tools/profile_ops.py [--what=lm,sampler,torch] [--calls=2] [--small]
+    python tools/profile_ops.py [--what=lm,sampler,torch,gemm] [--calls=2] [--small]
 
 - `lm`: sgt_jax's AdamW f32 step of the Qwen2-shaped LM of `tools/scale_bench.py` (same shape,
   batch and loss), profiled with XLA:CPU's per-thunk trace (`--xla_cpu_enable_xprof_traceme`) and
@@ -9,6 +9,8 @@
 - `sampler`: `generate_codes` on the suite's sampler shape, the same way.
 - `torch`: HF transformers + torch's step on the same LM, with `torch.profiler` (self CPU time per
   aten op; the profiler itself slows the step, so compare shares, not seconds).
+- `gemm`: f32 GFLOP/s of the LM step's four matmul shapes alone, jax vs torch, interleaved (is a
+  gap in the step the kernels' or the rest's?).
 
 Times are per call, summed over the threads that ran the ops (so they can exceed the wall time on
 2 cores). This explains the suite's ratios; it does not replace them (profiling perturbs timing).
@@ -27,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
 
-_WHAT = flags.DEFINE_list("what", ["lm", "sampler", "torch"], "Which profiles: lm, sampler, torch.")
+_KINDS = ("lm", "sampler", "torch", "gemm")
+_WHAT = flags.DEFINE_list("what", list(_KINDS), "Which profiles: lm, sampler, torch, gemm.")
 _CALLS = flags.DEFINE_integer("calls", 2, "Profiled calls (after warm-up calls); times are per call.")
 _SMALL = flags.DEFINE_bool("small", False, "The suite's small shapes (a quick check that it runs).")
 _TOP = flags.DEFINE_integer("top", 15, "Op kinds to list.")
@@ -159,6 +162,49 @@ def profile_torch(small: bool, calls: int) -> collections.Counter:
     return collections.Counter({e.key: e.self_cpu_time_total / 1e3 / calls for e in prof.key_averages()})
 
 
+def _matmul_seconds(a, b, transpose_a: bool, rounds: int) -> tuple[float, float]:
+    """Median seconds of `a @ b` (or `a.T @ b`) in jax and in torch, interleaved round by round."""
+    import statistics
+    import time
+
+    import jax
+    import torch
+
+    jf = jax.jit(lambda x, y: (x.T if transpose_a else x) @ y)
+    ja, jb, ta, tb = jax.numpy.asarray(a), jax.numpy.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    calls = (lambda: jf(ja, jb).block_until_ready(), lambda: (ta.T if transpose_a else ta) @ tb)
+    times: tuple[list, list] = ([], [])
+    for _ in range(rounds):
+        for fn, ts in zip(calls, times, strict=True):
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                fn()
+            ts.append((time.perf_counter() - t0) / 5)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def gemm_rates(small: bool, rounds: int = 5) -> list[tuple[str, float, float]]:
+    """(shape, jax GFLOP/s, torch GFLOP/s) of the LM step's matmuls, f32, medians of `rounds`."""
+    import numpy as np
+    import scale_bench as sb
+
+    shape, tokens = (sb.SMALL, 128) if small else (sb.LMShape(), 32 * 160)
+    w, f, v = shape.width, shape.mlp, shape.vocab
+    rng = np.random.default_rng(0)
+    cases = [(f"x W  [{tokens},{w}]x[{w},{f}]", (tokens, w), (w, f), False),
+             (f"dy W^T  [{tokens},{f}]x[{f},{w}]", (tokens, f), (f, w), False),
+             (f"x^T dy  [{w},{tokens}]x[{tokens},{f}]", (tokens, w), (tokens, f), True),
+             (f"LM head  [{tokens},{w}]x[{w},{v}]", (tokens, w), (w, v), False)]
+    out = []
+    for name, sa, sb_, transpose_a in cases:
+        a, b = rng.random(sa, np.float32), rng.random(sb_, np.float32)
+        flops = 2 * a.size * b.shape[1]  # 2 M K N, with or without the transpose
+        jax_s, torch_s = _matmul_seconds(a, b, transpose_a, rounds)
+        out.append((name, flops / jax_s / 1e9, flops / torch_s / 1e9))
+    return out
+
+
 def table(title: str, times: collections.Counter, top: int) -> str:
     total = sum(times.values())
     rows = [f"## {title}: {total:.1f} ms of op time per call", "| op kind | ms per call | share |", "|---|---|---|"]
@@ -168,9 +214,9 @@ def table(title: str, times: collections.Counter, top: int) -> str:
 
 def main(argv):
     del argv
-    unknown = sorted(set(_WHAT.value) - {"lm", "sampler", "torch"})
+    unknown = sorted(set(_WHAT.value) - set(_KINDS))
     if unknown:
-        raise app.UsageError(f"--what={unknown} is not known; allowed: lm, sampler, torch")
+        raise app.UsageError(f"--what={unknown} is not known; allowed: {', '.join(_KINDS)}")
     import provenance
 
     cpu = provenance.host_cpu()
@@ -185,6 +231,11 @@ def main(argv):
     if "torch" in _WHAT.value:
         print(table("HF + torch LM step (aten self CPU, under the profiler)", profile_torch(_SMALL.value, _CALLS.value),
                     _TOP.value) + "\n")
+    if "gemm" in _WHAT.value:
+        rows = gemm_rates(_SMALL.value)
+        print("## f32 matmuls of the LM step alone (GFLOP/s, median of 5 interleaved rounds of 5 calls)\n"
+              "| shape | jax | torch | jax / torch |\n|---|---|---|---|")
+        print("\n".join(f"| {n} | {j:.0f} | {t:.0f} | {j / t:.2f} |" for n, j, t in rows) + "\n")
 
 
 if __name__ == "__main__":

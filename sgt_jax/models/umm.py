@@ -115,6 +115,8 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         fail("model.umm.vit.width", u.vit.width, "a multiple of 4 with sincos positions")
     if not -(u.vit.depth + 1) <= u.vit.select_layer <= u.vit.depth:
         fail("model.umm.vit.select_layer", u.vit.select_layer, f"in [{-(u.vit.depth + 1)}, {u.vit.depth}]")
+    if cfg.data.get("packing", False) and cfg.stage != "umm":
+        fail("data.packing", True, f"False for the {cfg.stage!r} stage (packing is for the umm stage's token rows)")
 
 
 class MLPAdapter(nn.Module):
