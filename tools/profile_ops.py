@@ -38,7 +38,7 @@ _TOP = flags.DEFINE_integer("top", 15, "Op kinds to list.")
 
 # Spans that contain ops rather than being one (executor, jit dispatch, loop and call bodies).
 _NOT_OPS = ("ThunkExecutor", "PjitFunction", "end:", "$", "while", "conditional", "call", "Handle", "ParseArguments",
-            "CommonPjRtClient", "Allocate")
+            "CommonPjRtClient", "Allocate", "SlinkyThreadPool")
 
 
 def op_kind(name: str) -> str:
@@ -75,85 +75,43 @@ def profile_jax(call, calls: int) -> collections.Counter:
         return xla_op_times(d, calls)
 
 
-def lm_call(small: bool):
-    """-> call() running one sgt_jax LM step of the suite's shape (scale_bench.llm_vs_torch's step)."""
-    import functools
-
-    import jax
-    import numpy as np
-    import optax
+def _lm(small: bool):
+    """(shape, tokens) of the suite's LM comparison (tools/scale_bench.py)."""
     import scale_bench as sb
-    from flax import linen as nn
-
-    from sgt_jax.convert.hf_qwen2 import llm_config_from_hf
-    from sgt_jax.models.llm import CausalLM
 
     shape, (b, s) = (sb.SMALL, (4, 32)) if small else (sb.LMShape(), (32, 160))
-    model = CausalLM(llm_config_from_hf(shape.hf_config().to_dict()))
-    tokens = jax.numpy.asarray(np.random.default_rng(0).integers(0, shape.vocab, (b, s)).astype(np.int32))
-    tx = optax.adamw(1e-4)
+    return shape, sb.lm_tokens(shape, b, s)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(p, o, t):
-        def loss_fn(p):
-            logits = model.apply({"params": p}, t)
-            return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], t[:, 1:]).mean()
 
-        loss, g = jax.value_and_grad(loss_fn)(p)
-        u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
+def lm_call(small: bool):
+    """-> call() running one sgt_jax LM step of the suite's shape (scale_bench.jax_lm_runner)."""
+    import scale_bench as sb
 
-    p = jax.jit(lambda k: nn.unbox(model.init(k, tokens[:1])["params"]))(jax.random.key(0))
-    state = [p, jax.jit(tx.init)(p)]
+    from sgt_jax.convert.hf_qwen2 import llm_config_from_hf
 
-    def call():
-        state[0], state[1], loss = step(state[0], state[1], tokens)
-        jax.block_until_ready(loss)
-
-    call()
+    shape, tokens = _lm(small)
+    call, _, _ = sb.jax_lm_runner(llm_config_from_hf(shape.hf_config().to_dict()), tokens, warmup=0)
     return call
 
 
 def sampler_call(small: bool):
-    """-> call() sampling the suite's CFG batch (scale_bench.sampler_vs_hf's sgt_jax side)."""
+    """-> call() sampling the suite's CFG batch (the sgt_jax side of scale_bench.sampler_vs_hf)."""
     import bench_lib as bench
     import scale_bench as sb
 
-    from sgt_jax import config as config_lib
-
     shape = sb.SMALL if small else sb.LMShape()
     images, prompt, codes = (2, 16, 16) if small else (16, 96, 64)
-    cfg = config_lib.default_config()
-    cfg.stage = "umm"
-    cfg.model.umm.llm.update(dict(vocab_size=shape.vocab, width=shape.width, depth=shape.depth, num_heads=shape.heads,
-                                  num_kv_heads=shape.kv_heads, head_dim=shape.head_dim, mlp_dim=shape.mlp,
-                                  attn_bias=True, tied_embeddings=True))
-    cfg.data.image_size = int(round(codes ** 0.5)) * cfg.model.vq.downsample
-    cfg.data.mixture = {"t2i": 1.0}
-    cfg.data.prompt_room = prompt
+    cfg = sb.sampler_config(shape, prompt_len=prompt, num_codes=codes)
     call, _, _ = bench.sampler_runner(cfg, batch=images, prompt_len=prompt, guidance=True)
     return call
 
 
 def profile_torch(small: bool, calls: int) -> collections.Counter:
     """ms per call of each aten op's self CPU time in HF Qwen2's AdamW step (torch.profiler)."""
-    import numpy as np
     import scale_bench as sb
-    import torch
     from torch.profiler import ProfilerActivity, profile
-    from transformers import Qwen2ForCausalLM
 
-    shape, (b, s) = (sb.SMALL, (4, 32)) if small else (sb.LMShape(), (32, 160))
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(shape.hf_config()).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.from_numpy(np.random.default_rng(0).integers(0, shape.vocab, (b, s)).astype(np.int64))
-
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = sb.torch_lm_step(*_lm(small))
     for _ in range(2):
         step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -66,61 +66,58 @@ def _median_ms(times: list[float]) -> float:
     return 1e3 * statistics.median(times)
 
 
-def llm_vs_torch(shape: LMShape, *, batch: int, seq: int, steps: int, warmup: int = 2, seed: int = 0) -> dict:
-    """Interleaved AdamW train steps (f32) of sgt_jax's CausalLM, as converted (layers scanned) and
-    with `scan_unroll=depth` (the same parameters, compiled unrolled), and HF Qwen2ForCausalLM."""
-    import dataclasses
+def jax_lm_runner(cfg, tokens_np, *, warmup: int = 2, seed: int = 0):
+    """sgt_jax's AdamW f32 train step of `CausalLM(cfg)` on fixed tokens (donated state) ->
+    (call() running one step, compile seconds, number of parameters)."""
     import functools
 
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
-    import torch
     from flax import linen as nn
-    from transformers import Qwen2ForCausalLM
 
-    from sgt_jax.convert.hf_qwen2 import llm_config_from_hf
     from sgt_jax.models.llm import CausalLM
 
-    hf_cfg = shape.hf_config()
-    cfg = llm_config_from_hf(hf_cfg.to_dict())
-    tokens_np = np.random.default_rng(seed).integers(0, shape.vocab, (batch, seq)).astype(np.int32)
+    model = CausalLM(cfg)
     tokens = jnp.asarray(tokens_np)
     tx = optax.adamw(1e-4)
 
-    def jax_runner(cfg):
-        """-> (call() running one step, compile seconds, number of parameters)."""
-        model = CausalLM(cfg)
+    def loss_fn(p, t):
+        logits = model.apply({"params": p}, t)
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], t[:, 1:]).mean()
 
-        def loss_fn(p, t):
-            logits = model.apply({"params": p}, t)
-            return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], t[:, 1:]).mean()
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def jax_step(p, o, t):
+        loss, grads = jax.value_and_grad(loss_fn)(p, t)
+        updates, o = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, loss
 
-        @functools.partial(jax.jit, donate_argnums=(0, 1))
-        def jax_step(p, o, t):
-            loss, grads = jax.value_and_grad(loss_fn)(p, t)
-            updates, o = tx.update(grads, o, p)
-            return optax.apply_updates(p, updates), o, loss
+    params = jax.jit(lambda k: nn.unbox(model.init(k, tokens[:1])["params"]))(jax.random.key(seed))
+    state = [params, jax.jit(tx.init)(params)]
 
-        params = jax.jit(lambda k: nn.unbox(model.init(k, tokens[:1])["params"]))(jax.random.key(seed))
-        state = [params, jax.jit(tx.init)(params)]
+    def call():
+        state[0], state[1], loss = jax_step(state[0], state[1], tokens)
+        jax.block_until_ready(loss)
 
-        def call():
-            state[0], state[1], loss = jax_step(state[0], state[1], tokens)
-            jax.block_until_ready(loss)
-
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    call()
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
         call()
-        compile_s = time.perf_counter() - t0
-        for _ in range(warmup):
-            call()
-        return call, compile_s, sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    return call, compile_s, sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+
+
+def torch_lm_step(shape: LMShape, tokens_np, *, seed: int = 0):
+    """HF Qwen2ForCausalLM's AdamW train step on the same tokens -> step() (returns the loss)."""
+    import numpy as np
+    import torch
+    from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    tmodel = Qwen2ForCausalLM(hf_cfg).train()
+    tmodel = Qwen2ForCausalLM(shape.hf_config()).train()
     topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4)
-    ttokens = torch.from_numpy(tokens_np.astype(np.int64))
+    ttokens = torch.from_numpy(np.asarray(tokens_np).astype(np.int64))
 
     def torch_step():
         loss = tmodel(input_ids=ttokens, labels=ttokens).loss
@@ -129,8 +126,30 @@ def llm_vs_torch(shape: LMShape, *, batch: int, seq: int, steps: int, warmup: in
         topt.zero_grad(set_to_none=True)
         return loss.item()
 
-    jax_call, compile_s, n_params = jax_runner(cfg)
-    unrolled_call, unrolled_compile_s, _ = jax_runner(dataclasses.replace(cfg, scan_unroll=cfg.depth))
+    return torch_step
+
+
+def lm_tokens(shape: LMShape, batch: int, seq: int, seed: int = 0):
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, shape.vocab, (batch, seq)).astype(np.int32)
+
+
+def llm_vs_torch(shape: LMShape, *, batch: int, seq: int, steps: int, warmup: int = 2, seed: int = 0) -> dict:
+    """Interleaved AdamW train steps (f32) of sgt_jax's CausalLM, as converted (layers scanned) and
+    with `scan_unroll=depth` (the same parameters, compiled unrolled), and HF Qwen2ForCausalLM."""
+    import dataclasses
+
+    import torch
+
+    from sgt_jax.convert.hf_qwen2 import llm_config_from_hf
+
+    cfg = llm_config_from_hf(shape.hf_config().to_dict())
+    tokens_np = lm_tokens(shape, batch, seq, seed)
+    torch_step = torch_lm_step(shape, tokens_np, seed=seed)
+    jax_call, compile_s, n_params = jax_lm_runner(cfg, tokens_np, warmup=warmup, seed=seed)
+    unrolled_call, unrolled_compile_s, _ = jax_lm_runner(dataclasses.replace(cfg, scan_unroll=cfg.depth), tokens_np,
+                                                         warmup=warmup, seed=seed)
     for _ in range(warmup):
         torch_step()
     tt, jt, ut = _interleaved(torch_step, jax_call, unrolled_call, rounds=steps)
@@ -143,13 +162,8 @@ def llm_vs_torch(shape: LMShape, *, batch: int, seq: int, steps: int, warmup: in
             "torch_threads": torch.get_num_threads()}
 
 
-def sampler_vs_hf(shape: LMShape, *, images: int, prompt_len: int, num_codes: int, rounds: int, seed: int = 0) -> dict:
-    """CFG code sampling (2 rows per image) vs HF `generate` (KV cache) on 2 x images rows."""
-    import bench_lib as bench  # tools/bench_lib.py
-    import numpy as np
-    import torch
-    from transformers import Qwen2ForCausalLM
-
+def sampler_config(shape: LMShape, *, prompt_len: int, num_codes: int):
+    """A UMM config with `shape`'s decoder, sized for `num_codes` codes after `prompt_len` prompt tokens."""
     from sgt_jax import config as config_lib
 
     cfg = config_lib.default_config()
@@ -164,6 +178,17 @@ def sampler_vs_hf(shape: LMShape, *, images: int, prompt_len: int, num_codes: in
     cfg.data.image_size = grid * cfg.model.vq.downsample  # finalize derives num_codes = grid^2
     cfg.data.mixture = {"t2i": 1.0}
     cfg.data.prompt_room = max(prompt_len, 1)  # rows of prompt + codes + structural tokens (derived)
+    return cfg
+
+
+def sampler_vs_hf(shape: LMShape, *, images: int, prompt_len: int, num_codes: int, rounds: int, seed: int = 0) -> dict:
+    """CFG code sampling (2 rows per image) vs HF `generate` (KV cache) on 2 x images rows."""
+    import bench_lib as bench  # tools/bench_lib.py
+    import numpy as np
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    cfg = sampler_config(shape, prompt_len=prompt_len, num_codes=num_codes)
     call, compile_s, n = bench.sampler_runner(cfg, batch=images, prompt_len=prompt_len, guidance=True, seed=seed)
 
     torch.manual_seed(seed)
