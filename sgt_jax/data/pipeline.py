@@ -298,7 +298,7 @@ def make_dataset(cfg, split: str, transform: Transform | Mixture, *, process_ind
     read = grain.ReadOptions(num_threads=max(1, min(16, os.cpu_count() or 1)),
                              prefetch_buffer_size=max(16, 2 * batch_size))
 
-    def batched(ds):  # skip invalid records, optionally pack text rows, batch with a static shape
+    def batched(ds):  # skip invalid records, optionally pack rows (data.packing), batch with a static shape
         stream = _SkipInvalidIterDataset(ds.to_iter_dataset(read), max_consecutive_skips)
         if cfg.data.get("packing", False):  # variable-length examples share rows (data/packing.py)
             from sgt_jax.data import packing
